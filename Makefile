@@ -1,0 +1,49 @@
+# dpo_lightning — `make help` lists the targets.
+# Everything runs inside the project's own virtual environment (.venv), created by `make install`.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is pinned to the CPU build these machines have; on a CUDA host: make install TORCH=torch==2.13.0+cu128
+TORCH  ?= torch==2.13.0
+EXTRAS ?= dev,reproduce
+STAMP  := $(VENV)/.installed-$(shell echo '$(TORCH) $(EXTRAS)' | tr -c 'a-zA-Z0-9.=\n' '_')
+export PYTHONUNBUFFERED := 1
+# offline-first: wandb logs to disk unless the user is logged in or sets WANDB_MODE (see dpo_lightning/cli.py)
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-full lint format reproduce reproduce-quick bench tiny clean
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-16s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv: torch first (pinned by TORCH), then the package and its extras
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	echo '$(TORCH)' > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt '$(TORCH)'
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[$(EXTRAS)]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: install  ## fast test suite (no `slow` tests), < 15 min on 2 CPU cores
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-full: install  ## every test, the slow ones included
+	$(BIN)/python -m pytest -q
+
+lint: install  ## ruff lint and format check
+	$(BIN)/ruff check dpo_lightning tests
+	$(BIN)/ruff format --check dpo_lightning tests
+
+format: install  ## ruff format + autofix
+	$(BIN)/ruff format dpo_lightning tests
+	$(BIN)/ruff check --fix dpo_lightning tests
+
+tiny: install  ## train the tiny CPU config on the HH data (~2 min)
+	$(BIN)/dpo-lightning fit --config experiments/tiny_cpu.yaml
+
+clean:  ## remove run outputs (keeps .venv)
+	rm -rf runs wandb lightning_logs .pytest_cache

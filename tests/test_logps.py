@@ -1,0 +1,75 @@
+"""Sequence log-probs on hand-built logits, labels and masks."""
+
+import math
+
+import pytest
+import torch
+
+from dpo_lightning.logps import IGNORE_INDEX, sequence_logps, token_logps
+
+X = IGNORE_INDEX
+
+
+def _logits_favouring(targets: list[list[int]], vocab: int = 4, strong: float = 2.0) -> torch.Tensor:
+    """Logits where position t puts ``strong`` on token targets[b][t] and 0 elsewhere.
+
+    So log p(target) = strong − log(e^strong + (V−1)) and log p(other) = −log(e^strong + (V−1)).
+    """
+    B, T = len(targets), len(targets[0])
+    logits = torch.zeros(B, T, vocab)
+    for b in range(B):
+        for t in range(T):
+            logits[b, t, targets[b][t]] = strong
+    return logits
+
+
+def test_hand_built_batch_sum_and_mean():
+    """Two sequences, T = 5, V = 4. Labels (already containing the input ids):
+      row 0: [X, X, 2, 3, X]   prompt of 2 tokens, response 2 tokens, 1 pad
+      row 1: [X, 1, 0, 0, 0]   prompt of 1 token, response 4 tokens, no pad
+    After the shift, position t scores label t+1. Logits favour token 2 at t=1 and token 0 at t=2 in row 0
+    (so label 2 is favoured, label 3 is not); in row 1 they favour the label everywhere.
+    With Z = e² + 3: favoured = 2 − ln Z, other = −ln Z.
+      row 0 sum = (2 − ln Z) + (−ln Z) = 2 − 2 ln Z,   mean over 2 tokens
+      row 1 sum = 4 (2 − ln Z) = 8 − 4 ln Z,           mean over 4 tokens
+    """
+    labels = torch.tensor([[X, X, 2, 3, X], [X, 1, 0, 0, 0]])
+    logits = _logits_favouring([[0, 2, 0, 0, 0], [1, 0, 0, 0, 0]])
+    z = math.log(math.exp(2.0) + 3)
+    total, n = sequence_logps(logits, labels, "sum")
+    assert n.tolist() == [2, 4]
+    assert total.tolist() == pytest.approx([2 - 2 * z, 8 - 4 * z], abs=1e-5)
+    mean, _ = sequence_logps(logits, labels, "mean")
+    assert mean.tolist() == pytest.approx([(2 - 2 * z) / 2, (8 - 4 * z) / 4], abs=1e-5)
+
+
+def test_padding_and_prompt_logits_do_not_matter():
+    """Changing logits at masked positions (prompt, padding) must not change the result."""
+    torch.manual_seed(0)
+    labels = torch.tensor([[X, X, 1, 2, X, X]])
+    logits = torch.randn(1, 6, 5)
+    before, _ = sequence_logps(logits, labels)
+    logits[0, 0] += 100.0  # predicts label 1, which is X: prompt
+    logits[0, 4:] = torch.randn(2, 5) * 50  # predict pad positions / past the end
+    after, _ = sequence_logps(logits, labels)
+    assert torch.allclose(before, after)
+
+
+def test_matches_full_log_softmax():
+    """gather − logsumexp equals the textbook log_softmax gather, in float32 and (row-wise) bfloat16."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.randint(0, 11, (3, 7))
+    expected = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(token_logps(logits, labels), expected, atol=1e-5)
+    bf16 = token_logps(logits.bfloat16(), labels)
+    ref16 = torch.log_softmax(logits.bfloat16().float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    assert bf16.dtype == torch.float32
+    assert torch.allclose(bf16, ref16, atol=1e-2)
+
+
+def test_bad_aggregation_and_shapes():
+    with pytest.raises(ValueError, match="'sum' or 'mean'"):
+        sequence_logps(torch.zeros(1, 3, 2), torch.zeros(1, 3, dtype=torch.long), "max")
+    with pytest.raises(ValueError, match="disagree"):
+        sequence_logps(torch.zeros(1, 3, 2), torch.zeros(1, 4, dtype=torch.long))
