@@ -24,7 +24,7 @@ from dpo_lightning.data.tokenize import (
     response_ids,
     truncate_pair,
 )
-from dpo_lightning.errors import DataError
+from dpo_lightning.errors import ConfigError, DataError
 from dpo_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -63,7 +63,9 @@ class Source:
             except DataError:
                 raise
             except Exception as err:  # noqa: BLE001 - malformed files surface from pyarrow in many types
-                raise DataError(f"{f}: could not be read as {_builder(Path(f))} ({type(err).__name__}: {err})") from None
+                raise DataError(
+                    f"{f}: could not be read as {_builder(Path(f))} ({type(err).__name__}: {err})"
+                ) from None
             if len(part) == 0:
                 raise DataError(f"{f}: the file holds no records")
             self.offsets.append((sum(len(p) for p in parts), f))
@@ -90,6 +92,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         max_prompt_length: int = 256,
         truncation_mode: TruncationMode = "keep_end",
         max_rows: int | None = None,
+        label_noise: float = 0.0,
         on_bad_row: Literal["error", "skip"] = "error",
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -111,6 +114,9 @@ class PreferenceDataModule(pl.LightningDataModule):
             max_prompt_length: prompts are cut to this when prompt + response exceeds ``max_length``.
             truncation_mode: which end of a long prompt survives: ``keep_end`` (dialogue) or ``keep_start``.
             max_rows: read at most this many training records (quick runs); ``None`` reads them all.
+            label_noise: fraction of training pairs whose chosen and rejected are swapped (seeded by ``seed``),
+                to study robustness to noisy preferences (the setting cDPO is designed for). Validation is
+                never flipped.
             on_bad_row: ``error`` stops at setup naming file, record and field; ``skip`` drops bad records and
                 prints how many of each kind.
             batch_size: preference pairs per training batch (the model sees 2x sequences).
@@ -120,7 +126,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         """
         super().__init__()
         if max_prompt_length >= max_length:
-            raise ValueError(
+            raise ConfigError(
                 f"data.max_prompt_length ({max_prompt_length}) must be smaller than data.max_length "
                 f"({max_length}), or responses would be cut to nothing"
             )
@@ -135,6 +141,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.max_prompt_length = max_prompt_length
         self.truncation_mode = truncation_mode
         self.max_rows = max_rows
+        if not 0.0 <= label_noise <= 1.0:
+            raise ConfigError(f"data.label_noise must be in [0, 1], got {label_noise}")
+        self.label_noise = label_noise
         self.on_bad_row = on_bad_row
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -163,8 +172,13 @@ class PreferenceDataModule(pl.LightningDataModule):
                 self._tokenizer = load_tokenizer(self.tokenizer_path)
             else:
                 rows = self.source("train").dataset
-                texts = (str(v) for col in ("prompt", "chosen", "rejected") if col in rows.column_names
-                         for v in rows[col] if isinstance(v, str))
+                texts = (
+                    str(v)
+                    for col in ("prompt", "chosen", "rejected")
+                    if col in rows.column_names
+                    for v in rows[col]
+                    if isinstance(v, str)
+                )
                 self._tokenizer = train_bpe_tokenizer(texts, vocab_size=self.tokenizer_vocab_size)
         return self._tokenizer
 
@@ -173,7 +187,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         keys = list(rows)
         out = collections.defaultdict(list)
         triples = []
-        for i, idx in enumerate(indices):
+        for i in range(len(indices)):
             row = {k: rows[k][i] for k in keys}
             try:
                 triples.append(parse(row))
@@ -191,7 +205,11 @@ class PreferenceDataModule(pl.LightningDataModule):
         r_ids = response_ids(self.tokenizer, rejecteds)
         for p, c, r, idx in zip(p_ids, c_ids, r_ids, indices, strict=True):
             p, c, r = truncate_pair(
-                p, c, r, max_length=self.max_length, max_prompt_length=self.max_prompt_length,
+                p,
+                c,
+                r,
+                max_length=self.max_length,
+                max_prompt_length=self.max_prompt_length,
                 truncation_mode=self.truncation_mode,
             )
             out["prompt_input_ids"].append(p)
@@ -245,10 +263,29 @@ class PreferenceDataModule(pl.LightningDataModule):
             split = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
             self.datasets["train"], self.datasets["val"] = split["train"], split["test"]
         self.datasets["test"] = self.datasets["val"]
+        if self.label_noise > 0:
+            self.datasets["train"] = self._flip_labels(self.datasets["train"])
         rank_zero_info(
             f"data: {len(self.datasets['train'])} train pairs, {len(self.datasets['val'])} val pairs "
             f"(max_length {self.max_length}, max_prompt_length {self.max_prompt_length})"
         )
+
+    def _flip_labels(self, train: datasets.Dataset) -> datasets.Dataset:
+        """Swap chosen and rejected in a seeded ``label_noise`` fraction of the training pairs."""
+        n_flip = round(self.label_noise * len(train))
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        flipped = set(torch.randperm(len(train), generator=generator)[:n_flip].tolist())
+
+        def swap(row: dict[str, Any], i: int) -> dict[str, Any]:
+            if i in flipped:
+                row["chosen_input_ids"], row["rejected_input_ids"] = (
+                    row["rejected_input_ids"],
+                    row["chosen_input_ids"],
+                )
+            return row
+
+        rank_zero_info(f"data: label_noise {self.label_noise}: swapped chosen/rejected in {n_flip} train pairs")
+        return train.map(swap, with_indices=True, desc="flipping labels")
 
     # ---------------------------------------------------------------- loaders
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

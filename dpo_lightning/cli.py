@@ -1,0 +1,149 @@
+"""The ``dpo-lightning`` command (also ``python -m dpo_lightning``).
+
+    dpo-lightning fit --config experiments/tiny_cpu.yaml [--config overlay.yaml] [--model.beta 0.5 ...]
+    dpo-lightning validate|test --config ... --ckpt_path runs/<run>/checkpoints/last.ckpt
+    dpo-lightning sweep|compare|reproduce ...   (see ``dpo-lightning <command> --help``)
+
+``fit``/``validate``/``test`` are LightningCLI: every ``__init__`` argument of PreferenceModule (``model.*``),
+PreferenceDataModule (``data.*``) and the Trainer (``trainer.*``) is a config key, and a wrong key fails
+before anything runs. ``run.*`` names the run folder and the loggers: a CSV log always, and wandb, offline
+unless you are logged in or set ``WANDB_MODE``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import netrc
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUN_DIR_ENV = "DPO_LIGHTNING_RUN_DIR"  # shared by the processes of one multi-process run
+
+# commands that are not Trainer methods: name -> module with main(argv) -> int
+EXTRA_COMMANDS = {
+    "sweep": "dpo_lightning.sweep",
+    "compare": "dpo_lightning.compare",
+    "reproduce": "dpo_lightning.reproduce.__main__",
+}
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it is named on dashboards."""
+
+    dir: str | None = None
+    """Run folder: metrics.csv, config.yaml, checkpoints/, tokenizer/, wandb/. Default runs/<name>-<time>."""
+    name: str | None = None
+    """Run name (wandb display name too). Default <loss>-beta<β>."""
+    group: str | None = None
+    """wandb group, e.g. the sweep name, so the project page groups related runs."""
+    job_type: str | None = None
+    """wandb job_type; defaults to the loss name, so runs can be coloured by variant."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+    wandb: bool = True
+    """Log to wandb (offline unless logged in or WANDB_MODE is set) besides the CSV file."""
+    wandb_project: str = "dpo-lightning"
+    """wandb project."""
+    csv_flush_every: int = 10
+    """Write metrics.csv every this many logged steps, so sweeps can read a run's progress while it runs."""
+
+
+def configure_wandb_mode() -> str:
+    """Offline-first: unless WANDB_MODE is set or a W&B key is configured, log offline (never prompt)."""
+    if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return os.environ.get("WANDB_MODE", "online")
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return auth is not None
+
+
+def build_loggers(run: RunConfig, loss: str, beta: float) -> tuple[list, str]:
+    """The CSV logger (always) and the wandb logger (when enabled and installed), both writing to the run folder."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    name = run.name or f"{loss}-beta{beta:g}"
+    run_dir = run.dir or os.environ.get(RUN_DIR_ENV) or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.environ[RUN_DIR_ENV] = run_dir  # child processes of a multi-process launch reuse the same folder
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    loggers = [CSVLogger(save_dir=run_dir, name="", version="", flush_logs_every_n_steps=run.csv_flush_every)]
+    if run.wandb:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(
+                WandbLogger(
+                    project=run.wandb_project,
+                    name=name,
+                    group=run.group,
+                    job_type=run.job_type or loss,
+                    tags=run.tags or None,
+                    save_dir=run_dir,
+                )
+            )
+        except ModuleNotFoundError:  # wandb is optional at run time (e.g. a GPU image without it)
+            pass
+    return loggers, run_dir
+
+
+def _lightning_cli(argv: list[str] | None) -> int:
+    """Run LightningCLI on ``argv`` (``None``: on sys.argv, as a console script does)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from dpo_lightning.data import PreferenceDataModule
+    from dpo_lightning.module import PreferenceModule
+
+    class PreferenceCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_class_arguments(RunConfig, "run")
+            parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
+
+        def instantiate_trainer(self, **kwargs):
+            config = self.config_init[self.subcommand]
+            if config["trainer"].get("logger") in (None, True):
+                model = config["model"]
+                kwargs["logger"], _ = build_loggers(config["run"], model.loss_name, model.beta)
+            return super().instantiate_trainer(**kwargs)
+
+    PreferenceCLI(
+        PreferenceModule,
+        PreferenceDataModule,
+        args=argv,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: dispatch to an extra command or to LightningCLI; user mistakes print one clear message."""
+    from dpo_lightning.errors import UserError
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    configure_wandb_mode()
+    try:
+        if words and words[0] in EXTRA_COMMANDS:
+            return int(importlib.import_module(EXTRA_COMMANDS[words[0]]).main(words[1:]) or 0)
+        return _lightning_cli(argv)
+    except UserError as err:
+        print(f"dpo-lightning: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dpo-lightning: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
