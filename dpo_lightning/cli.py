@@ -63,8 +63,9 @@ def configure_wandb_mode() -> str:
 def _wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")  # wandb honours $NETRC; netrc does not
     try:
-        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
+        auth = netrc.netrc(path).authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
     return auth is not None

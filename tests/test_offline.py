@@ -1,0 +1,100 @@
+"""Offline-first behaviour: wandb never prompts or waits for a login, the hub fallback fails clearly."""
+
+import os
+
+import pytest
+
+from dpo_lightning.cli import configure_wandb_mode
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.errors import DataError
+
+from conftest import ROOT
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith("WANDB_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    return tmp_path
+
+
+def test_wandb_is_offline_without_login(clean_env):
+    assert configure_wandb_mode() == "offline"
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_wandb_mode_set_by_user_is_kept(clean_env, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert configure_wandb_mode() == "disabled"
+
+
+def test_wandb_logged_in_stays_online(clean_env, monkeypatch):
+    (clean_env / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (clean_env / ".netrc").chmod(0o600)
+    monkeypatch.setenv("NETRC", str(clean_env / ".netrc"))
+    assert configure_wandb_mode() == "online"
+    assert "WANDB_MODE" not in os.environ
+
+
+def test_fit_logs_wandb_offline_by_default(clean_env, pairs_file):
+    """With no login and no WANDB_MODE, a real run writes an offline wandb run inside its run folder."""
+    import subprocess
+    import sys
+
+    run_dir = clean_env / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_lightning",
+            "fit",
+            "--config",
+            "experiments/tiny_cpu.yaml",
+            "--data.train_files",
+            str(pairs_file),
+            "--data.format",
+            "explicit",
+            "--data.on_bad_row",
+            "error",
+            "--data.tokenizer_vocab_size",
+            "300",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+            "--run.dir",
+            str(run_dir),
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run written"
+
+
+def test_missing_file_with_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch, tiny_tokenizer):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dm = PreferenceDataModule(
+        str(tmp_path / "absent.jsonl"),
+        hub_fallback={"path": "Anthropic/hh-rlhf", "data_dir": "harmless-base", "split": "test"},
+    )
+    dm._tokenizer = tiny_tokenizer
+    with pytest.raises(DataError, match=r"absent.jsonl does not exist, and the hub fallback .* could not be loaded"):
+        dm.setup()
+
+
+def test_explicit_file_still_loads_with_fallback_configured(tmp_path, tiny_tokenizer, pairs_file):
+    dm = PreferenceDataModule(str(pairs_file), format="explicit", hub_fallback={"path": "never/used"})
+    dm._tokenizer = tiny_tokenizer
+    dm.setup()
+    assert len(dm.datasets["train"]) > 0
