@@ -235,5 +235,6 @@ class PreferenceModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         """Save the tokenizer with the run so the run can be reloaded and exported as it was trained."""
         log_dir = self.trainer.log_dir
-        if self.tokenizer is not None and log_dir and self.trainer.is_global_zero:
+        # without a logger, log_dir falls back to the working directory: write nothing there
+        if self.tokenizer is not None and self.trainer.loggers and log_dir and self.trainer.is_global_zero:
             self.tokenizer.save_pretrained(f"{log_dir}/tokenizer")
