@@ -42,6 +42,13 @@ format: install  ## ruff format + autofix
 	$(BIN)/ruff format dpo_lightning tests
 	$(BIN)/ruff check --fix dpo_lightning tests
 
+SEED ?= 0
+reproduce: install  ## the DPO/IPO/cDPO papers' claims, Parts 1+2 (<= 30 min on 2 CPU cores) -> reports/reproduce/
+	$(BIN)/python -m dpo_lightning.reproduce --seed $(SEED) --out reports/reproduce
+
+reproduce-quick: install  ## Part 1 in full + Part 2 at toy size (<= 5 min) -> reports/reproduce/
+	$(BIN)/python -m dpo_lightning.reproduce --quick --seed $(SEED) --out reports/reproduce
+
 tiny: install  ## train the tiny CPU config on the HH data (~2 min)
 	$(BIN)/dpo-lightning fit --config experiments/tiny_cpu.yaml
 
