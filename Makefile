@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint format reproduce reproduce-quick bench tiny clean
+.PHONY: help install test test-full lint format reproduce reproduce-quick bench tiny sweep clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-16s %s\n", $$1, $$2}'
@@ -48,6 +48,11 @@ reproduce: install  ## the DPO/IPO/cDPO papers' claims, Parts 1+2 (<= 30 min on 
 
 reproduce-quick: install  ## Part 1 in full + Part 2 at toy size (<= 5 min) -> reports/reproduce/
 	$(BIN)/python -m dpo_lightning.reproduce --quick --seed $(SEED) --out reports/reproduce
+
+SWEEP ?= loss_variants
+sweep: install  ## run sweeps/$(SWEEP).yaml offline, then chart it: make sweep SWEEP=label_noise ARGS="--workers 2"
+	$(BIN)/dpo-lightning sweep sweeps/$(SWEEP).yaml $(ARGS)
+	$(BIN)/dpo-lightning compare runs/sweeps/$(SWEEP) --out runs/sweeps/$(SWEEP)/compare
 
 tiny: install  ## train the tiny CPU config on the HH data (~2 min)
 	$(BIN)/dpo-lightning fit --config experiments/tiny_cpu.yaml

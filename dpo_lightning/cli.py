@@ -71,7 +71,19 @@ def _wandb_logged_in() -> bool:
     return auth is not None
 
 
-def build_loggers(run: RunConfig, loss: str, beta: float) -> tuple[list, str]:
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """{"model": {"beta": 0.1}} -> {"model.beta": 0.1}: the dotted keys a sweep uses, for the wandb run config."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and "class_path" not in value:
+            flat.update(flat_config(value, f"{name}."))
+        elif key != "config":  # the --config file paths themselves
+            flat[name] = value
+    return flat
+
+
+def build_loggers(run: RunConfig, loss: str, beta: float, settings: dict | None = None) -> tuple[list, str]:
     """The CSV logger (always) and the wandb logger (when enabled and installed), both writing to the run folder."""
     from lightning.pytorch.loggers import CSVLogger
 
@@ -92,6 +104,7 @@ def build_loggers(run: RunConfig, loss: str, beta: float) -> tuple[list, str]:
                     job_type=run.job_type or loss,
                     tags=run.tags or None,
                     save_dir=run_dir,
+                    config=settings,  # dotted keys (model.beta, data.label_noise) as a wandb sweep names them
                 )
             )
         except ModuleNotFoundError:  # wandb is optional at run time (e.g. a GPU image without it)
@@ -111,11 +124,17 @@ def _lightning_cli(argv: list[str] | None) -> int:
             parser.add_class_arguments(RunConfig, "run")
             parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
 
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            if config.model.label_smoothing == "label_noise":  # cDPO's ε follows the data's flip rate
+                config.model.label_smoothing = config.data.label_noise
+
         def instantiate_trainer(self, **kwargs):
             config = self.config_init[self.subcommand]
             if config["trainer"].get("logger") in (None, True):
                 model = config["model"]
-                kwargs["logger"], _ = build_loggers(config["run"], model.loss_name, model.beta)
+                settings = flat_config(self.config[self.subcommand].as_dict())
+                kwargs["logger"], _ = build_loggers(config["run"], model.loss_name, model.beta, settings)
             return super().instantiate_trainer(**kwargs)
 
     PreferenceCLI(

@@ -55,7 +55,7 @@ class PreferenceModule(pl.LightningModule):
         reference_free: bool = False,
         loss: str = "dpo",
         beta: float = 0.1,
-        label_smoothing: float = 0.0,
+        label_smoothing: float | Literal["label_noise"] = 0.0,
         shadow_label_smoothing: float = 0.1,
         logp_aggregation: Aggregation = "sum",
         disable_dropout: bool = True,
@@ -77,6 +77,7 @@ class PreferenceModule(pl.LightningModule):
             loss: one of the registered losses (``dpo``, ``ipo``, ``cdpo``).
             beta: β, the strength of the KL constraint to the reference (τ in the IPO paper).
             label_smoothing: ε of cDPO, the assumed probability that a preference label is flipped, in [0, 0.5).
+                In a CLI config, ``label_noise`` sets it to ``data.label_noise`` (cDPO told the true flip rate).
             shadow_label_smoothing: ε used for the ``shadow/cdpo`` metric, so that runs of any loss log a
                 comparable cDPO value (the shadow losses use this run's β).
             logp_aggregation: ``sum`` of response-token log-probs (log π(y|x), as in the DPO paper) or their
@@ -97,6 +98,11 @@ class PreferenceModule(pl.LightningModule):
             raise ConfigError(f"model.loss: {err}") from None
         if beta <= 0:
             raise ConfigError(f"model.beta must be > 0, got {beta}")
+        if label_smoothing == "label_noise":
+            raise ConfigError(
+                "model.label_smoothing: 'label_noise' (match data.label_noise) is resolved by the CLI; "
+                "pass a number when building PreferenceModule directly"
+            )
         for key, eps in (
             ("label_smoothing", label_smoothing),
             ("shadow_label_smoothing", shadow_label_smoothing),

@@ -40,7 +40,8 @@ def test_wandb_logged_in_stays_online(clean_env, monkeypatch):
 
 
 def test_fit_logs_wandb_offline_by_default(clean_env, pairs_file):
-    """With no login and no WANDB_MODE, a real run writes an offline wandb run inside its run folder."""
+    """With no login and no WANDB_MODE, a real run writes an offline wandb run inside its run folder.
+    The same run checks `model.label_smoothing: label_noise`, which sets cDPO's ε to data.label_noise."""
     import subprocess
     import sys
 
@@ -62,6 +63,12 @@ def test_fit_logs_wandb_offline_by_default(clean_env, pairs_file):
             "error",
             "--data.tokenizer_vocab_size",
             "300",
+            "--model.loss",
+            "cdpo",
+            "--model.label_smoothing",
+            "label_noise",
+            "--data.label_noise",
+            "0.25",
             "--trainer.max_steps",
             "1",
             "--trainer.limit_val_batches",
@@ -80,6 +87,7 @@ def test_fit_logs_wandb_offline_by_default(clean_env, pairs_file):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run written"
+    assert "label_smoothing: 0.25" in (run_dir / "hparams.yaml").read_text()
 
 
 def test_missing_file_with_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch, tiny_tokenizer):

@@ -1,0 +1,107 @@
+"""`dpo-lightning compare` (dpo_lightning/compare.py): charts, pages and tables from runs' CSV logs."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo_lightning.compare import LOSS_COLOURS, _styles, find_runs, main, read_metrics_csv
+
+from conftest import ROOT
+
+FAKE = ROOT / "tests" / "fixtures" / "sweep_fake_trial.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(run_dir: Path, loss: str, beta: float, steps: int = 5) -> Path:
+    """A finished run folder (metrics.csv + config.yaml), written by the sweep tests' stand-in trainer."""
+    flags = [f"--model.loss={loss}", f"--model.beta={beta}", f"--fake.steps={steps}", f"--run.dir={run_dir}"]
+    subprocess.run([sys.executable, str(FAKE), *flags], check=True, capture_output=True)
+    return run_dir
+
+
+def last_value(run_dir: Path, column: str) -> float:
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r[column]) for r in csv.DictReader(f) if r[column]][-1]
+
+
+def test_compare_two_runs_writes_charts_page_and_final_table(tmp_path):
+    a = fake_run(tmp_path / "runs" / "dpo_run", "dpo", 0.1)
+    b = fake_run(tmp_path / "runs" / "ipo_run", "ipo", 0.5, steps=3)
+    out = tmp_path / "report"
+    assert main([str(a), str(b), "--out", str(out)]) == 0
+
+    import matplotlib.image
+
+    for stem in ("loss", "rewards_margins", "rewards_accuracies", "logps_chosen", "shadow_losses"):
+        png = out / f"{stem}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC, stem
+        height, width, _ = matplotlib.image.imread(png).shape
+        assert width >= 500 and height >= 300, (stem, width, height)
+
+    with open(out / "final_metrics.csv") as f:
+        table = {r["run"]: r for r in csv.DictReader(f)}
+    assert set(table) == {"dpo_run", "ipo_run"}
+    for name, run_dir in (("dpo_run", a), ("ipo_run", b)):
+        for column in ("train/loss", "val/rewards/accuracies", "train/shadow/ipo"):
+            assert float(table[name][column]) == pytest.approx(last_value(run_dir, column))
+    assert table["ipo_run"]["loss"] == "ipo" and float(table["ipo_run"]["beta"]) == 0.5
+    assert table["ipo_run"]["last_step"] == "3"
+
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 5  # self-contained: images inlined
+    assert "dpo_run" in page and "ipo_run" in page
+    assert f"{last_value(b, 'val/rewards/accuracies'):.4g}" in page  # the final-values table
+    report = (out / "report.md").read_text()
+    assert "| run | loss | beta |" in report and "![rewards_margins](rewards_margins.png)" in report
+
+
+def test_compare_finds_sweep_trials_and_nested_csv_logs(tmp_path):
+    sweep_dir = tmp_path / "sweeps" / "demo"
+    for number, loss in enumerate(("dpo", "cdpo")):
+        trial_dir = sweep_dir / "trials" / f"{number:03d}"
+        fake_run(trial_dir / "csv" / "version_0", loss, 0.1)  # a CSVLogger that nests its file
+        (trial_dir / "csv" / "version_0" / "config.yaml").rename(trial_dir / "config.yaml")
+        record = {"trial": number, "sweep": "demo", "state": "complete" if number == 0 else "pruned",
+                  "params": {"model.loss": loss, "model.beta": 0.1, "data.label_noise": 0.1 * number,
+                             "model.label_smoothing": 0.1}}  # fmt: skip
+        (trial_dir / "trial.json").write_text(json.dumps(record))
+    runs = find_runs([str(sweep_dir)])
+    assert [(r.label, r.loss, r.state) for r in runs] == [("demo/000", "dpo", "complete"),
+                                                          ("demo/001", "cdpo", "pruned")]  # fmt: skip
+    assert runs[1].extras == {"data.label_noise": 0.1}  # what varies between the runs; not the constant ε
+    assert runs[0].path == sweep_dir / "trials" / "000"
+    assert main([str(sweep_dir), "--out", str(tmp_path / "out"), "--smooth", "0.5"]) == 0
+    assert "label_noise" in (tmp_path / "out" / "final_metrics.csv").read_text().splitlines()[0]
+
+
+def test_styles_colour_by_loss_and_dash_by_beta(tmp_path):
+    runs = [
+        *find_runs([str(fake_run(tmp_path / "a", "dpo", 0.1, steps=1))]),
+        *find_runs([str(fake_run(tmp_path / "b", "ipo", 0.5, steps=1))]),
+        *find_runs([str(fake_run(tmp_path / "c", "dpo", 0.5, steps=1))]),
+        *find_runs([str(fake_run(tmp_path / "d", "dpo", 0.5, steps=1))]),
+    ]
+    styles = _styles(runs)
+    assert [s["color"] for s in styles] == [LOSS_COLOURS["dpo"], LOSS_COLOURS["ipo"], LOSS_COLOURS["dpo"],
+                                            LOSS_COLOURS["dpo"]]  # fmt: skip
+    assert styles[0]["linestyle"] != styles[1]["linestyle"] == styles[2]["linestyle"]
+    assert styles[2]["marker"] != styles[3]["marker"]  # same loss and beta: told apart by a marker
+
+
+def test_read_metrics_csv_skips_empty_cells_and_a_row_being_written(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,train/loss,val/loss\n0,0,0.69,\n0,1,,0.70\n0,1,0.6")  # last row unfinished
+    assert read_metrics_csv(path) == {"epoch": [(0.0, 0.0), (1.0, 0.0)], "train/loss": [(0.0, 0.69)],
+                                      "val/loss": [(1.0, 0.70)]}  # fmt: skip
+
+
+def test_compare_without_runs_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'empty'}: no metrics.csv below it" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "no such run or sweep folder" in capsys.readouterr().err
