@@ -2,6 +2,7 @@
 
     dpo-lightning fit --config experiments/tiny_cpu.yaml [--config overlay.yaml] [--model.beta 0.5 ...]
     dpo-lightning validate|test --config ... --ckpt_path runs/<run>/checkpoints/last.ckpt
+    dpo-lightning audit --config experiments/tiny_cpu.yaml [--data.max_length 256] [--out DIR]
     dpo-lightning sweep|compare|reproduce ...   (see ``dpo-lightning <command> --help``)
 
 ``fit``/``validate``/``test`` are LightningCLI: every ``__init__`` argument of PreferenceModule (``model.*``),
@@ -27,6 +28,7 @@ EXTRA_COMMANDS = {
     "sweep": "dpo_lightning.sweep",
     "compare": "dpo_lightning.compare",
     "reproduce": "dpo_lightning.reproduce.__main__",
+    "audit": "dpo_lightning.data.audit",
 }
 
 

@@ -87,9 +87,16 @@ def test_hh_bad_rows(row, kind):
 
 def test_real_hh_file_bad_rows_are_found_and_counted(tiny_tokenizer):
     """The shared HH harmless-base test split has 8 malformed pairs (4 with an empty final assistant turn,
-    4 whose transcripts diverge before the last assistant turn); counted, not silently dropped."""
+    4 whose transcripts diverge before the last assistant turn); counted, not silently dropped. (Pairs that
+    become identical after truncation are kept here, so that every good record is accounted for.)"""
     dm = PreferenceDataModule(
-        str(HH_TEST), format="hh", max_length=128, max_prompt_length=64, on_bad_row="skip", max_rows=None
+        str(HH_TEST),
+        format="hh",
+        max_length=128,
+        max_prompt_length=64,
+        on_bad_row="skip",
+        max_rows=None,
+        drop_identical=False,
     )
     dm._tokenizer = tiny_tokenizer
     dm.setup()

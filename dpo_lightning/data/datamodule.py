@@ -1,91 +1,70 @@
-"""PreferenceDataModule: preference files -> tokenized pairs -> batches of 2B sequences.
+"""PreferenceDataModule: preference data -> tokenized pairs -> audited -> batches of 2B sequences.
 
-Data flows one way: raw records (``datasets``) -> (prompt, chosen, rejected) strings (``formats``) -> token
-ids with truncation (``tokenize``) -> padded concatenated batches (``PairCollator``).
+    dpo-lightning fit --config experiments/tiny_cpu.yaml       # data.* keys are this class's arguments
+    dpo-lightning audit --config experiments/tiny_cpu.yaml     # the same checks, as a report (audit.py)
+
+Data flows one way: records (``sources``: files, folders, hub) -> (prompt, chosen, rejected) strings
+(``formats``/``chat``) -> token ids with truncation and per-pair statistics (``tokenize``, cached by
+``datasets``) -> audit thresholds checked at setup (``audit``) -> length-grouped, rank-sharded, resumable
+batches (``sampler``) -> padded concatenated batches (``PairCollator``).
+
+Resuming the data order mid-epoch (for exact resume):
+
+- The training order is a pure function of (``data.seed``, epoch, data-parallel rank and world size,
+  ``batch_size``, the data); ``train_dataloader()`` returns a ``ResumableDataLoader`` whose sampler
+  (``PreferenceSampler``, a ``DistributedSampler``) has ``set_epoch``. Lightning calls ``set_epoch`` at every
+  epoch start and leaves the sampler in place under DDP/FSDP (it already is a distributed sampler).
+- ``state_dict()`` of the data module returns ``{"seed", "train_order": {"epoch", "batches", ...}}``, where
+  ``batches`` counts the batches handed out in the current epoch; ``load_state_dict()`` makes the next
+  iteration of that epoch skip them (without loading them). Lightning saves both this and the loader's own
+  ``state_dict()`` (the fit loop stores stateful train loaders' states) in every checkpoint and restores them
+  before iterating, so ``trainer.fit(..., ckpt_path=...)`` from a mid-epoch checkpoint feeds exactly the
+  batches an uninterrupted run would have received. Without Lightning: ``dm.load_state_dict(state)`` before
+  or after ``dm.train_dataloader()``, then ``loader.sampler.set_epoch(epoch)`` and iterate.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from dpo_lightning.data.formats import PARSERS, BadRow, FormatName, detect_format
-from dpo_lightning.data.tokenize import (
-    PairCollator,
-    TruncationMode,
-    prompt_ids,
-    response_ids,
-    truncate_pair,
-)
+from dpo_lightning.data import chat, formats, tokenize
+from dpo_lightning.data.cache import cached_bpe_tokenizer
+from dpo_lightning.data.chat import PLAIN_TURN, ChatRenderer
+from dpo_lightning.data.formats import FormatName, apply_columns, detect_format, make_parser
+from dpo_lightning.data.sampler import PreferenceSampler, ResumableDataLoader
+from dpo_lightning.data.sources import Source, builder_of
+from dpo_lightning.data.tokenize import BAD_COLUMNS, STAT_COLUMNS, PairCollator, TruncationMode, tokenizer_fingerprint
 from dpo_lightning.errors import ConfigError, DataError
-from dpo_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
+from dpo_lightning.tokenizer import load_tokenizer
 
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def _builder(path: Path) -> str:
-    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
-    if not suffixes or suffixes[-1] not in BUILDERS:
-        raise DataError(f"{path}: unsupported file type; use one of {', '.join(BUILDERS)} (optionally .gz)")
-    return BUILDERS[suffixes[-1]]
+LOADER_COLUMNS = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "index"]
+# the code that turns records into ids: a change to it retires the tokenized-dataset cache
+CODE_VERSION = Hasher.hash([inspect.getsource(m) for m in (formats, chat, tokenize)])
 
 
-class Source:
-    """The records of one split, concatenated from one or more files, remembering which row came from where."""
-
-    def __init__(self, files: list[str], hub_fallback: dict[str, str] | None, what: str):
-        self.offsets: list[tuple[int, str]] = []  # (first global row, file name)
-        missing = [f for f in files if not Path(f).exists()]
-        if missing and hub_fallback:
-            rank_zero_info(f"{what}: {missing[0]} not found; loading the hub dataset {hub_fallback}")
-            try:
-                self.dataset = datasets.load_dataset(**hub_fallback)
-            except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear message
-                raise DataError(
-                    f"{what}: {missing[0]} does not exist, and the hub fallback {hub_fallback} could not be "
-                    f"loaded ({type(err).__name__}: {err}). Point data.{what}_files at local files."
-                ) from None
-            self.offsets = [(0, f"hub:{hub_fallback.get('path')}")]
-            return
-        if missing:
-            raise DataError(f"{what}: data file {missing[0]} does not exist")
-        parts = []
-        for f in files:
-            try:
-                part = datasets.load_dataset(_builder(Path(f)), data_files=f, split="train")
-            except DataError:
-                raise
-            except Exception as err:  # noqa: BLE001 - malformed files surface from pyarrow in many types
-                raise DataError(
-                    f"{f}: could not be read as {_builder(Path(f))} ({type(err).__name__}: {err})"
-                ) from None
-            if len(part) == 0:
-                raise DataError(f"{f}: the file holds no records")
-            self.offsets.append((sum(len(p) for p in parts), f))
-            parts.append(part)
-        self.dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-
-    def where(self, row: int) -> str:
-        """'file, record N' for a global row number (N counts from 0 within the file)."""
-        start, name = max((o for o in self.offsets if o[0] <= row), key=lambda o: o[0])
-        return f"{name}, record {row - start}"
+def _builder(path: Path) -> str:  # kept for callers of the old name (sft.py)
+    return builder_of(Path(path))
 
 
 class PreferenceDataModule(pl.LightningDataModule):
     def __init__(
         self,
-        train_files: str | list[str],
-        val_files: str | list[str] | None = None,
+        train_files: str | list[str] | dict[str, Any],
+        val_files: str | list[str] | dict[str, Any] | None = None,
         val_fraction: float = 0.05,
         format: FormatName = "auto",
-        hub_fallback: dict[str, str] | None = None,
+        hub_fallback: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         tokenizer_vocab_size: int = 4096,
         max_length: int = 512,
@@ -98,17 +77,29 @@ class PreferenceDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        columns: dict[str, str] | None = None,
+        chat_template: str | None = None,
+        chat_turn: str = PLAIN_TURN,
+        max_field_chars: int | None = 250_000,
+        drop_identical: bool = True,
+        group_by_length: bool = True,
+        mega_batch: int = 50,
+        max_bad_row_rate: float | None = None,
+        max_truncation_rate: float | None = None,
+        max_identical_rate: float | None = None,
     ):
-        """Preference pairs from local files (JSONL/JSON/Parquet/CSV, gzip too), tokenized for DPO.
+        """Preference pairs from files, folders or a hub dataset, tokenized, audited and batched for DPO.
 
         Args:
-            train_files: file or files holding the training pairs.
-            val_files: validation file(s); when absent, ``val_fraction`` of the training pairs is held out.
+            train_files: file(s) or folder(s) of JSONL/JSON/Parquet/CSV (gzip too), or ``load_dataset`` kwargs
+                of a hub dataset, e.g. ``{path: Anthropic/hh-rlhf, data_dir: harmless-base, split: test}``.
+            val_files: validation data, same forms; when absent, ``val_fraction`` of the training pairs is held out.
             val_fraction: fraction held out for validation (seeded) when there are no ``val_files``.
-            format: ``explicit`` ({prompt, chosen, rejected}), ``hh`` (HH-RLHF transcripts) or ``auto``.
-            hub_fallback: ``datasets.load_dataset`` kwargs (path, data_dir, split, ...) used when the local
-                training file is absent, e.g. ``{path: Anthropic/hh-rlhf, data_dir: harmless-base, split: test}``.
-            tokenizer: a tokenizer directory (or hub name); ``None`` trains a byte-level BPE on the training text.
+            format: ``explicit`` ({prompt, chosen, rejected} strings), ``hh`` (HH-RLHF transcripts), ``chat``
+                (message lists) or ``auto`` (from the column names and types).
+            hub_fallback: ``load_dataset`` kwargs used when the local training files are absent.
+            tokenizer: a tokenizer directory (or hub name); ``None`` trains a byte-level BPE on the training text
+                (cached, keyed by the data and the vocabulary size).
             tokenizer_vocab_size: vocabulary of the trained BPE when ``tokenizer`` is ``None``.
             max_length: longest prompt + response, in tokens.
             max_prompt_length: prompts are cut to this when prompt + response exceeds ``max_length``.
@@ -118,11 +109,25 @@ class PreferenceDataModule(pl.LightningDataModule):
                 to study robustness to noisy preferences (the setting cDPO is designed for). Validation is
                 never flipped.
             on_bad_row: ``error`` stops at setup naming file, record and field; ``skip`` drops bad records and
-                prints how many of each kind.
-            batch_size: preference pairs per training batch (the model sees 2x sequences).
+                counts them by kind (printed at setup, listed with examples by the audit).
+            batch_size: preference pairs per training batch per process (the model sees 2x sequences).
             eval_batch_size: pairs per validation/test batch; defaults to ``batch_size``.
             num_workers: DataLoader worker processes.
-            seed: seed of the validation split and of the training shuffle.
+            seed: seed of the validation split and of the training order (with the epoch).
+            columns: our names -> the data's, for other column names: ``{prompt: instruction, chosen: better,
+                rejected: worse}``.
+            chat_template: for ``chat`` rows: ``None`` uses the tokenizer's chat template when it has one, else
+                the plain ``chat_turn``; ``plain`` always the plain one; any other string is a Jinja template.
+            chat_turn: the plain template of one chat turn, with ``{role}`` (capitalised) and ``{content}``.
+            max_field_chars: a text field longer than this is a bad record (a runaway row), ``None``: no limit.
+            drop_identical: drop pairs whose chosen and rejected are identical after truncation (they carry
+                zero gradient); they are counted either way.
+            group_by_length: batch pairs of similar length together (mega-batch sort) to cut padding.
+            mega_batch: global batches per length-sorted mega-batch when ``group_by_length``.
+            max_bad_row_rate: fail at setup when more than this fraction of records is bad (with ``skip``).
+            max_truncation_rate: fail at setup when more than this fraction of chosen or of rejected responses
+                is truncated.
+            max_identical_rate: fail at setup when more than this fraction of pairs is identical after truncation.
         """
         super().__init__()
         if max_prompt_length >= max_length:
@@ -130,8 +135,19 @@ class PreferenceDataModule(pl.LightningDataModule):
                 f"data.max_prompt_length ({max_prompt_length}) must be smaller than data.max_length "
                 f"({max_length}), or responses would be cut to nothing"
             )
-        self.train_files = [train_files] if isinstance(train_files, str) else list(train_files)
-        self.val_files = [val_files] if isinstance(val_files, str) else (list(val_files) if val_files else None)
+        if not 0.0 <= label_noise <= 1.0:
+            raise ConfigError(f"data.label_noise must be in [0, 1], got {label_noise}")
+        for key, rate in (
+            ("max_bad_row_rate", max_bad_row_rate),
+            ("max_truncation_rate", max_truncation_rate),
+            ("max_identical_rate", max_identical_rate),
+        ):
+            if rate is not None and not 0.0 <= rate <= 1.0:
+                raise ConfigError(f"data.{key} must be in [0, 1] (or null), got {rate}")
+        if "{role}" not in chat_turn or "{content}" not in chat_turn:
+            raise ConfigError(f"data.chat_turn must contain {{role}} and {{content}}, got {chat_turn!r}")
+        self.train_files = train_files if isinstance(train_files, dict | list) else [train_files]
+        self.val_files = [val_files] if isinstance(val_files, str) else (val_files or None)
         self.val_fraction = val_fraction
         self.format = format
         self.hub_fallback = hub_fallback
@@ -141,26 +157,50 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.max_prompt_length = max_prompt_length
         self.truncation_mode = truncation_mode
         self.max_rows = max_rows
-        if not 0.0 <= label_noise <= 1.0:
-            raise ConfigError(f"data.label_noise must be in [0, 1], got {label_noise}")
         self.label_noise = label_noise
         self.on_bad_row = on_bad_row
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.columns = dict(columns) if columns else None
+        self.chat_template = chat_template
+        self.chat_turn = chat_turn
+        self.max_field_chars = max_field_chars
+        self.drop_identical = drop_identical
+        self.group_by_length = group_by_length
+        self.mega_batch = mega_batch
+        self.thresholds = {
+            "max_bad_row_rate": max_bad_row_rate,
+            "max_truncation_rate": max_truncation_rate,
+            "max_identical_rate": max_identical_rate,
+        }
         self._tokenizer = None
         self._sources: dict[str, Source] = {}
         self.datasets: dict[str, datasets.Dataset] = {}
-        self.skipped: dict[str, collections.Counter] = {}
+        self.skipped: dict[str, collections.Counter] = {}  # split -> bad kind -> count
+        self.bad_rows: dict[str, dict[str, dict[str, Any]]] = {}  # split -> kind -> {count, examples}
+        self.rows: dict[str, int] = {}  # split -> records read
+        self.stats: dict[str, dict[str, np.ndarray]] = {}  # split -> STAT_COLUMNS of the good pairs
+        self.identical: dict[str, int] = {}  # split -> pairs identical after truncation
+        self.formats: dict[str, str] = {}  # split -> format used
+        self.from_cache: dict[str, bool] = {}  # split -> tokenized pairs came from the datasets cache
+        self.report: dict[str, Any] | None = None  # the audit report built at setup
+        self._train_loader: ResumableDataLoader | None = None
+        self._order_state: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- sources and tokenizer
     def source(self, split: str) -> Source:
+        """The raw records of ``train``/``val``, columns renamed to ours (``data.columns``)."""
         if split not in self._sources:
-            files = self.train_files if split == "train" else self.val_files
-            source = Source(files, self.hub_fallback if split == "train" else None, split)
+            spec = self.train_files if split == "train" else self.val_files
+            source = Source(spec, split, self.hub_fallback if split == "train" else None)
             if split == "train" and self.max_rows is not None:
                 source.dataset = source.dataset.select(range(min(self.max_rows, len(source.dataset))))
+            try:
+                source.dataset = apply_columns(source.dataset, self.columns, source.where(0).split(",")[0])
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
             self._sources[split] = source
         return self._sources[split]
 
@@ -171,104 +211,112 @@ class PreferenceDataModule(pl.LightningDataModule):
             if self.tokenizer_path:
                 self._tokenizer = load_tokenizer(self.tokenizer_path)
             else:
-                rows = self.source("train").dataset
-                texts = (
-                    str(v)
-                    for col in ("prompt", "chosen", "rejected")
-                    if col in rows.column_names
-                    for v in rows[col]
-                    if isinstance(v, str)
-                )
-                self._tokenizer = train_bpe_tokenizer(texts, vocab_size=self.tokenizer_vocab_size)
+                self._tokenizer = cached_bpe_tokenizer(self.source("train").dataset, self.tokenizer_vocab_size)
         return self._tokenizer
 
     # ---------------------------------------------------------------- tokenization
-    def _tokenize_batch(self, rows: dict[str, list], indices: list[int], parse) -> dict[str, list]:
-        keys = list(rows)
-        out = collections.defaultdict(list)
-        triples = []
-        for i in range(len(indices)):
-            row = {k: rows[k][i] for k in keys}
-            try:
-                triples.append(parse(row))
-                out["bad_kind"].append("")
-                out["bad_field"].append("")
-                out["bad_message"].append("")
-            except BadRow as bad:
-                triples.append(("", "x", "y"))  # placeholder, dropped after the map
-                out["bad_kind"].append(bad.kind)
-                out["bad_field"].append(bad.field)
-                out["bad_message"].append(bad.message)
-        prompts, chosens, rejecteds = (list(t) for t in zip(*triples, strict=True)) if triples else ([], [], [])
-        p_ids = prompt_ids(self.tokenizer, prompts)
-        c_ids = response_ids(self.tokenizer, chosens)
-        r_ids = response_ids(self.tokenizer, rejecteds)
-        for p, c, r, idx in zip(p_ids, c_ids, r_ids, indices, strict=True):
-            p, c, r = truncate_pair(
-                p,
-                c,
-                r,
-                max_length=self.max_length,
-                max_prompt_length=self.max_prompt_length,
-                truncation_mode=self.truncation_mode,
-            )
-            out["prompt_input_ids"].append(p)
-            out["chosen_input_ids"].append(c)
-            out["rejected_input_ids"].append(r)
-            out["index"].append(idx)
-        return dict(out)
-
-    def _prepare_split(self, split: str) -> datasets.Dataset:
-        source = self.source(split)
-        raw = source.dataset
-        fmt = self.format if self.format != "auto" else None
+    def _split_format(self, source: Source) -> str:
+        if self.format != "auto":
+            return self.format
         try:
-            fmt = fmt or detect_format(raw.column_names)
+            return detect_format(source.dataset.column_names, source.dataset.features)
         except ValueError as err:
             raise DataError(f"{source.where(0).split(',')[0]}: {err}") from None
+
+    def _tokenize_fingerprint(self, raw: datasets.Dataset, fmt: str) -> str:
+        """Everything the tokenized pairs depend on: data, tokenizer, settings, and this package's code."""
+        settings = [fmt, self.columns, self.max_length, self.max_prompt_length, self.truncation_mode]
+        settings += [self.max_field_chars, self.chat_template if fmt == "chat" else None]
+        settings += [self.chat_turn if fmt == "chat" else None]
+        return Hasher.hash([raw._fingerprint, tokenizer_fingerprint(self.tokenizer), settings, CODE_VERSION])
+
+    def _prepare_split(self, split: str, enforce: bool = True) -> datasets.Dataset:
+        source = self.source(split)
+        raw = source.dataset
+        fmt = self.formats[split] = self._split_format(source)
+        renderer = ChatRenderer(self.tokenizer, self.chat_template, self.chat_turn) if fmt == "chat" else None
+        calls = [0]
         tokenized = raw.map(
-            self._tokenize_batch,
-            fn_kwargs={"parse": PARSERS[fmt]},
+            tokenize.tokenize_rows,
+            fn_kwargs={
+                "parse": make_parser(fmt, renderer=renderer, max_chars=self.max_field_chars),
+                "tokenizer": self.tokenizer,
+                "max_length": self.max_length,
+                "max_prompt_length": self.max_prompt_length,
+                "truncation_mode": self.truncation_mode,
+                "calls": calls,
+            },
             batched=True,
             with_indices=True,
             remove_columns=raw.column_names,
+            new_fingerprint=self._tokenize_fingerprint(raw, fmt),
             desc=f"tokenizing {split}",
         )
-        kinds = tokenized["bad_kind"]
-        bad = [i for i, k in enumerate(kinds) if k]
-        if bad:
-            counts = collections.Counter(kinds[i] for i in bad)
-            summary = ", ".join(f"{k}: {n}" for k, n in counts.most_common())
-            if self.on_bad_row == "error":
-                first = tokenized[bad[0]]
-                raise DataError(
-                    f"{source.where(first['index'])}, field {first['bad_field']!r}: {first['bad_message']}. "
-                    f"{len(bad)} bad record(s) in {split} ({summary}). Fix the data, or set "
-                    "data.on_bad_row=skip to skip them with a count."
-                )
-            self.skipped[split] = counts
-            rank_zero_info(f"data: skipped {len(bad)} of {len(raw)} {split} records ({summary})")
-            keep = sorted(set(range(len(tokenized))) - set(bad))
-            tokenized = tokenized.select(keep)
-        return tokenized.remove_columns(["bad_kind", "bad_field", "bad_message"])
+        self.from_cache[split] = calls[0] == 0
+        self.rows[split] = len(raw)
+        from dpo_lightning.data import audit  # imported here: audit.py runs as `python -m` too
 
-    def setup(self, stage: str | None = None) -> None:
+        bad, self.skipped[split], self.bad_rows[split] = audit.collect_bad_rows(tokenized, source.where)
+        if bad and self.on_bad_row == "error" and enforce:
+            summary = ", ".join(f"{k}: {n}" for k, n in self.skipped[split].most_common())
+            first = tokenized[bad[0]]
+            field = f", field {first['bad_field']!r}" if first["bad_field"] else ""
+            raise DataError(
+                f"{source.where(bad[0])}{field}: {first['bad_message']}. {len(bad)} bad record(s) in {split} "
+                f"({summary}). Fix the data, or set data.on_bad_row=skip to skip them with a count."
+            )
+        if bad:
+            tokenized = tokenized.select(sorted(set(range(len(tokenized))) - set(bad)))
+        tokenized = tokenized.remove_columns(list(BAD_COLUMNS))
+        self.stats[split] = tokenized.with_format("numpy", columns=list(STAT_COLUMNS))[:]
+        identical = np.flatnonzero(self.stats[split]["identical"])
+        self.identical[split] = len(identical)
+        if self.drop_identical and len(identical):
+            tokenized = tokenized.select(np.flatnonzero(~self.stats[split]["identical"]))
+        if len(tokenized) == 0:
+            raise DataError(
+                f"{source.where(0).split(',')[0]}: no usable pairs in {split} ({len(raw)} records, "
+                f"{len(bad)} bad, {len(identical)} identical after truncation)"
+            )
+        return tokenized
+
+    def prepare(self, enforce_thresholds: bool = True) -> None:
+        """Read, tokenize (or load from cache), split and audit the data. ``setup`` calls it; ``audit`` calls it
+        with ``enforce_thresholds=False`` to report what ``fit`` would stop on."""
         if self.datasets:
             return
-        train = self._prepare_split("train")
+        train = self._prepare_split("train", enforce_thresholds)
         if self.val_files:
             self.datasets["train"] = train
-            self.datasets["val"] = self._prepare_split("val")
+            self.datasets["val"] = self._prepare_split("val", enforce_thresholds)
         else:
             split = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
             self.datasets["train"], self.datasets["val"] = split["train"], split["test"]
         self.datasets["test"] = self.datasets["val"]
         if self.label_noise > 0:
             self.datasets["train"] = self._flip_labels(self.datasets["train"])
-        rank_zero_info(
-            f"data: {len(self.datasets['train'])} train pairs, {len(self.datasets['val'])} val pairs "
-            f"(max_length {self.max_length}, max_prompt_length {self.max_prompt_length})"
-        )
+        from dpo_lightning.data import audit
+
+        self.report = audit.build_report(self)
+        rank_zero_info(audit.summary_line(self.report))
+        crossed = audit.violations(self.report)
+        if crossed and enforce_thresholds:
+            self.datasets.clear()
+            raise DataError(
+                "data audit: " + "; ".join(crossed) + ". Adjust the data or max_length, or the threshold; "
+                "`dpo-lightning audit --config <the same config>` prints the full report."
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare(enforce_thresholds=True)
+        trainer = self.trainer
+        if trainer is not None and trainer.is_global_zero and trainer.loggers and self.report is not None:
+            # the run folder as Trainer.log_dir finds it, without its broadcast (a collective only rank 0 would join)
+            logger = trainer.loggers[0]
+            if folder := getattr(logger, "log_dir", None) or logger.save_dir:
+                from dpo_lightning.data.audit import write_report
+
+                write_report(self.report, folder, self.stats.get("train"))
 
     def _flip_labels(self, train: datasets.Dataset) -> datasets.Dataset:
         """Swap chosen and rejected in a seeded ``label_noise`` fraction of the training pairs."""
@@ -278,35 +326,85 @@ class PreferenceDataModule(pl.LightningDataModule):
 
         def swap(row: dict[str, Any], i: int) -> dict[str, Any]:
             if i in flipped:
-                row["chosen_input_ids"], row["rejected_input_ids"] = (
-                    row["rejected_input_ids"],
-                    row["chosen_input_ids"],
-                )
+                for a, b in (("chosen_input_ids", "rejected_input_ids"), ("chosen_len", "rejected_len")):
+                    row[a], row[b] = row[b], row[a]
+                row["chosen_tokens"], row["rejected_tokens"] = row["rejected_tokens"], row["chosen_tokens"]
             return row
 
         rank_zero_info(f"data: label_noise {self.label_noise}: swapped chosen/rejected in {n_flip} train pairs")
         return train.map(swap, with_indices=True, desc="flipping labels")
 
     # ---------------------------------------------------------------- loaders
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+    def pair_lengths(self, split: str = "train") -> np.ndarray:
+        """Per pair, the longest sequence it puts in a batch: prompt + the longer response (tokens)."""
+        cols = self.datasets[split].with_format("numpy", columns=["prompt_len", "chosen_len", "rejected_len"])[:]
+        return cols["prompt_len"] + np.maximum(cols["chosen_len"], cols["rejected_len"])
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(world size, rank) of data parallelism: the Trainer's (DDP, FSDP, ModelParallel), else 1 process."""
+        trainer = self.trainer
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if kwargs:
+            return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def train_sampler(self, group_by_length: bool | None = None, num_replicas: int = 1, rank: int = 0):
+        return PreferenceSampler(
+            self.pair_lengths("train").tolist(),
+            batch_size=self.batch_size,
+            num_replicas=num_replicas,
+            rank=rank,
+            seed=self.seed,
+            group_by_length=self.group_by_length if group_by_length is None else group_by_length,
+            mega_batch=self.mega_batch,
+        )
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        num_replicas, rank = self.data_parallel()
+        loader = ResumableDataLoader(
+            self.datasets["train"].select_columns(LOADER_COLUMNS).with_format(None),
+            sampler=self.train_sampler(num_replicas=num_replicas, rank=rank),
+            collate_fn=PairCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )
+        if self._order_state is not None:
+            loader.load_state_dict(self._order_state)
+            self._order_state = None
+        self._train_loader = loader
+        return loader
+
+    def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
-            self.datasets[split].with_format(None),
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            self.datasets[split].select_columns(LOADER_COLUMNS).with_format(None),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             collate_fn=PairCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")
 
+    # ---------------------------------------------------------------- checkpointed state
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed}
+        """``{"seed", "train_order"}``; ``train_order`` is the training loader's position (see the module doc)."""
+        state: dict[str, Any] = {"seed": self.seed}
+        if self._train_loader is not None:
+            state["train_order"] = self._train_loader.state_dict()
+        elif self._order_state is not None:
+            state["train_order"] = self._order_state
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        order = state_dict.get("train_order")
+        if order is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(order)
+        else:
+            self._order_state = dict(order)

@@ -1,20 +1,35 @@
 """Row formats: turn one raw record into a (prompt, chosen, rejected) triple of strings, or say why not.
 
-Formats:
+Formats (``data.format``; ``auto`` picks one from the column names and types, see ``detect_format``):
+
 - ``explicit``: ``{prompt, chosen, rejected}`` strings.
 - ``hh``: Anthropic HH-RLHF transcripts ``{chosen, rejected}``, each the full ``\\n\\nHuman: … \\n\\nAssistant: …``
   dialogue. The prompt is the text up to and including the last ``\\n\\nAssistant:`` of ``chosen``; ``rejected``
   must start with that same prompt (when it does not, the two transcripts diverge before the last assistant
   turn and the pair is not a preference over one prompt).
+- ``chat``: conversational rows, ``chosen``/``rejected`` lists of ``{role, content}`` messages and ``prompt`` a
+  message list, a string, or absent (UltraFeedback-binarized style); rendered to text by ``chat.ChatRenderer``.
+
+Any other column names are mapped onto these with ``data.columns`` (``{prompt: instruction, chosen: better,
+rejected: worse}``), applied by ``apply_columns`` before the format is detected.
+
+A record that cannot become a pair raises ``BadRow`` with a stable ``kind`` (counted by the audit), the
+``field`` at fault and a message. Problems found while reading a file (malformed JSON, bytes that are not
+UTF-8) arrive here as a ``LOAD_ERROR`` column set by ``sources`` so that they are counted the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-FormatName = Literal["auto", "explicit", "hh"]
+import datasets
+
+FormatName = Literal["auto", "explicit", "hh", "chat"]
+Parser = Callable[[Mapping[str, Any]], tuple[str, str, str]]
+FIELDS = ("prompt", "chosen", "rejected")
 HH_ASSISTANT = "\n\nAssistant:"
+LOAD_ERROR = "_load_error"  # "kind\tfield\tmessage" for records that could not be read (see sources.py)
 
 
 class BadRow(ValueError):
@@ -27,7 +42,19 @@ class BadRow(ValueError):
         self.message = message
 
 
-def _string_field(row: Mapping[str, Any], field: str, *, allow_empty: bool = False) -> str:
+def check_length(field: str, value: str, max_chars: int | None) -> None:
+    """Reject a runaway field (a whole file pasted into one record) before it is tokenized."""
+    if max_chars is not None and len(value) > max_chars:
+        raise BadRow(
+            "too_long",
+            field,
+            f"field {field!r} holds {len(value):,} characters, more than data.max_field_chars ({max_chars:,}); "
+            "raise data.max_field_chars if such long texts are intended",
+        )
+
+
+def string_field(row: Mapping[str, Any], field: str, *, allow_empty: bool = False, max_chars: int | None = None) -> str:
+    """``row[field]`` as a non-empty string, or ``BadRow`` saying what is wrong with it."""
     if field not in row or row[field] is None:
         raise BadRow("missing_field", field, f"field {field!r} is missing or null")
     value = row[field]
@@ -35,37 +62,48 @@ def _string_field(row: Mapping[str, Any], field: str, *, allow_empty: bool = Fal
         raise BadRow("not_a_string", field, f"field {field!r} should be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise BadRow("empty_response", field, f"field {field!r} is empty")
+    check_length(field, value, max_chars)
     return value
 
 
-def _check_responses(chosen: str, rejected: str) -> None:
+def check_responses(chosen: Any, rejected: Any) -> None:
     if chosen == rejected:
         raise BadRow("identical_responses", "chosen", "chosen and rejected are identical (zero gradient)")
 
 
-def parse_explicit(row: Mapping[str, Any]) -> tuple[str, str, str]:
+def check_load_error(row: Mapping[str, Any]) -> None:
+    """Re-raise a problem found while reading the file (the record's other fields are null)."""
+    error = row.get(LOAD_ERROR)
+    if error:
+        kind, field, message = error.split("\t", 2)
+        raise BadRow(kind, field, message)
+
+
+def parse_explicit(row: Mapping[str, Any], max_chars: int | None = None) -> tuple[str, str, str]:
     """``{prompt, chosen, rejected}`` -> (prompt, chosen, rejected). The prompt may be empty."""
-    prompt = _string_field(row, "prompt", allow_empty=True)
-    chosen = _string_field(row, "chosen")
-    rejected = _string_field(row, "rejected")
-    _check_responses(chosen, rejected)
+    check_load_error(row)
+    prompt = string_field(row, "prompt", allow_empty=True, max_chars=max_chars)
+    chosen = string_field(row, "chosen", max_chars=max_chars)
+    rejected = string_field(row, "rejected", max_chars=max_chars)
+    check_responses(chosen, rejected)
     return prompt, chosen, rejected
 
 
-def split_hh(transcript: str) -> tuple[str, str]:
+def split_hh(transcript: str, field: str = "chosen") -> tuple[str, str]:
     """Split an HH transcript at its last assistant turn: (prompt ending in ``\\n\\nAssistant:``, response)."""
     cut = transcript.rfind(HH_ASSISTANT)
     if cut < 0:
-        raise BadRow("no_assistant_turn", "chosen", "transcript has no '\\n\\nAssistant:' turn")
+        raise BadRow("no_assistant_turn", field, "transcript has no '\\n\\nAssistant:' turn")
     cut += len(HH_ASSISTANT)
     return transcript[:cut], transcript[cut:]
 
 
-def parse_hh(row: Mapping[str, Any]) -> tuple[str, str, str]:
+def parse_hh(row: Mapping[str, Any], max_chars: int | None = None) -> tuple[str, str, str]:
     """``{chosen, rejected}`` HH transcripts -> (shared prompt, chosen response, rejected response)."""
-    chosen_text = _string_field(row, "chosen")
-    rejected_text = _string_field(row, "rejected")
-    prompt, chosen = split_hh(chosen_text)
+    check_load_error(row)
+    chosen_text = string_field(row, "chosen", max_chars=max_chars)
+    rejected_text = string_field(row, "rejected", max_chars=max_chars)
+    prompt, chosen = split_hh(chosen_text, "chosen")
     if HH_ASSISTANT not in rejected_text:
         raise BadRow("no_assistant_turn", "rejected", "transcript has no '\\n\\nAssistant:' turn")
     if not rejected_text.startswith(prompt):
@@ -79,21 +117,68 @@ def parse_hh(row: Mapping[str, Any]) -> tuple[str, str, str]:
     for field, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
             raise BadRow("empty_response", field, f"the last assistant turn of {field!r} is empty")
-    _check_responses(chosen, rejected)
+    check_responses(chosen, rejected)
     return prompt, chosen, rejected
 
 
-PARSERS = {"explicit": parse_explicit, "hh": parse_hh}
+PARSERS: dict[str, Parser] = {"explicit": parse_explicit, "hh": parse_hh}
 
 
-def detect_format(columns: list[str]) -> str:
-    """Pick the format from a dataset's column names, or raise ``ValueError`` saying what was expected."""
-    cols = set(columns)
-    if {"prompt", "chosen", "rejected"} <= cols:
-        return "explicit"
+def make_parser(fmt: str, *, renderer: Any = None, max_chars: int | None = None) -> Parser:
+    """The row parser of a format; ``chat`` needs a ``chat.ChatRenderer``."""
+    if fmt == "chat":
+        from dpo_lightning.data.chat import parse_chat
+
+        if renderer is None:
+            raise ValueError("the chat format needs a ChatRenderer")
+        return lambda row: parse_chat(row, renderer, max_chars=max_chars)
+    if fmt not in PARSERS:
+        raise ValueError(f"unknown data format {fmt!r}; use one of auto, {', '.join([*PARSERS, 'chat'])}")
+    parse = PARSERS[fmt]
+    return lambda row: parse(row, max_chars=max_chars)
+
+
+def _is_list(feature: Any) -> bool:
+    return isinstance(feature, list | datasets.List | datasets.Sequence | datasets.LargeList)
+
+
+def detect_format(columns: list[str], features: datasets.Features | None = None) -> str:
+    """Pick the format from a dataset's columns (and their types), or raise ``ValueError`` saying what was expected.
+
+    Message lists in ``chosen`` mean ``chat``; strings with a ``prompt`` column mean ``explicit``, without one
+    ``hh``. Columns whose types vary from record to record (``datasets`` reads them as JSON) count as strings.
+    """
+    cols = set(columns) - {LOAD_ERROR}
     if {"chosen", "rejected"} <= cols:
-        return "hh"
+        if features is not None and _is_list(features.get("chosen")):
+            return "chat"
+        return "explicit" if "prompt" in cols else "hh"
     raise ValueError(
         f"cannot tell the data format from columns {sorted(cols)}: expected {{prompt, chosen, rejected}} "
-        "(explicit) or {chosen, rejected} (HH transcripts)"
+        "(explicit, or chat when they hold message lists) or {chosen, rejected} (HH transcripts); map other "
+        "names with data.columns, e.g. {prompt: instruction, chosen: better, rejected: worse}"
     )
+
+
+def apply_columns(dataset: datasets.Dataset, columns: Mapping[str, str] | None, where: str) -> datasets.Dataset:
+    """Rename the user's columns to ``prompt``/``chosen``/``rejected`` (``columns`` maps ours -> theirs).
+
+    Other columns that would clash with the new names are dropped first; a mapped column that does not exist is
+    an error naming the columns there are.
+    """
+    if not columns:
+        return dataset
+    unknown = sorted(set(columns) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"data.columns keys must be among {', '.join(FIELDS)}; got {', '.join(unknown)}")
+    missing = [src for src in columns.values() if src not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{where}: data.columns maps to column {missing[0]!r}, which is not there; the columns are "
+            f"{', '.join(dataset.column_names)}"
+        )
+    renames = {src: ours for ours, src in columns.items() if src != ours}
+    clashes = [c for c in renames.values() if c in dataset.column_names and c not in renames]
+    if clashes:
+        dataset = dataset.remove_columns(clashes)
+    return dataset.rename_columns(renames) if renames else dataset

@@ -1,0 +1,290 @@
+"""Data audit: what the preference data will look like to the model, before a step is trained.
+
+    dpo-lightning audit --config experiments/tiny_cpu.yaml [--data.max_length 256 ...] [--out DIR]
+
+Reads the same config as ``fit`` (its ``data:`` and ``run:`` sections; other sections are ignored), prepares the
+data exactly as ``fit`` would (same tokenizer, same cache), prints a report and writes ``<run.dir or --out>/
+data_audit.json`` and ``data_lengths.png``: record counts per split, bad records by kind with examples, token
+length percentiles of prompt/chosen/rejected, truncation rates (chosen and rejected separately), pairs
+identical after truncation, responses left without EOS, the chosen-minus-rejected length gap (DPO learns
+length when chosen answers are systematically longer), and the padding fraction of the training batches with
+and without length grouping. ``fit`` builds the same report at setup, writes ``data_audit.json`` into the run
+folder and stops when a ``data.max_*_rate`` threshold is crossed; ``audit`` reports them and exits with 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpo_lightning.data.sampler import padding_fraction
+
+PERCENTILES = (50, 90, 99)
+EXAMPLES_PER_KIND = 3
+KEEP_SECTIONS = ("data", "run")  # of a fit config, what the audit reads
+
+
+def collect_bad_rows(
+    tokenized: Any, where: Callable[[int], str]
+) -> tuple[list[int], collections.Counter, dict[str, dict[str, Any]]]:
+    """The bad records of a tokenized split: (their rows, count per kind, {kind: {count, examples}})."""
+    kinds = tokenized["bad_kind"]
+    bad = [i for i, k in enumerate(kinds) if k]
+    by_kind: dict[str, dict[str, Any]] = {}
+    for i in bad:
+        entry = by_kind.setdefault(kinds[i], {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < EXAMPLES_PER_KIND:
+            row = tokenized[i]
+            entry["examples"].append({"where": where(i), "field": row["bad_field"], "message": row["bad_message"]})
+    return bad, collections.Counter({k: v["count"] for k, v in by_kind.items()}), by_kind
+
+
+def _lengths(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
+    out: dict[str, float] = {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}
+    out["max"] = int(values.max())
+    out["mean"] = round(float(values.mean()), 1)
+    return out
+
+
+def split_report(dm: Any, split: str) -> dict[str, Any]:
+    """The audit of one source split (``train`` or ``val``) from the data module's collected statistics."""
+    stats = dm.stats[split]
+    pairs = len(stats["prompt_tokens"])
+    bad = sum(dm.skipped[split].values())
+    rate = (lambda n: round(float(n) / pairs, 4)) if pairs else (lambda n: 0.0)
+    gap = stats["chosen_tokens"].astype(np.int64) - stats["rejected_tokens"].astype(np.int64)
+    return {
+        "format": dm.formats[split],
+        "records": dm.rows[split],
+        "bad_records": bad,
+        "bad_by_kind": dm.bad_rows[split],
+        "pairs": pairs,
+        "tokens": {part: _lengths(stats[f"{part}_tokens"]) for part in ("prompt", "chosen", "rejected")},
+        "truncation_rate": {
+            part: rate((stats[f"{part}_len"] < stats[f"{part}_tokens"]).sum())
+            for part in ("prompt", "chosen", "rejected")
+        },
+        "identical_after_truncation": int(dm.identical[split]),
+        "identical_dropped": bool(dm.drop_identical),
+        "missing_eos": {
+            part: int((stats[f"{part}_len"] < stats[f"{part}_tokens"]).sum()) for part in ("chosen", "rejected")
+        },
+        "length_gap": {
+            "mean": round(float(gap.mean()), 2) if pairs else 0.0,
+            "median": float(np.median(gap)) if pairs else 0.0,
+            "chosen_longer": rate((gap > 0).sum()),
+            "rejected_longer": rate((gap < 0).sum()),
+        },
+        "from_cache": dm.from_cache.get(split, False),
+    }
+
+
+def build_report(dm: Any) -> dict[str, Any]:
+    """The whole audit of a prepared ``PreferenceDataModule`` (a JSON-able dict)."""
+    splits = {split: split_report(dm, split) for split in dm.stats}
+    padding = {"batch_size": dm.batch_size, "group_by_length": dm.group_by_length}
+    stats = dm.datasets["train"].with_format("numpy", columns=["prompt_len", "chosen_len", "rejected_len"])[:]
+    for name, grouped in (("grouped", True), ("random", False)):
+        batches = dm.train_sampler(group_by_length=grouped).batches(0)
+        padding[name] = round(
+            padding_fraction(stats["prompt_len"], stats["chosen_len"], stats["rejected_len"], batches), 4
+        )
+    report = {
+        "settings": {
+            "tokenizer": dm.tokenizer_path or f"BPE trained on the data (vocab {dm.tokenizer_vocab_size})",
+            "max_length": dm.max_length,
+            "max_prompt_length": dm.max_prompt_length,
+            "truncation_mode": dm.truncation_mode,
+            "on_bad_row": dm.on_bad_row,
+        },
+        "splits": splits,
+        "pairs": {split: len(dm.datasets[split]) for split in ("train", "val")},
+        "padding": padding,
+        "thresholds": dict(dm.thresholds),
+    }
+    report["violations"] = violations(report)
+    return report
+
+
+def violations(report: dict[str, Any]) -> list[str]:
+    """The configured thresholds the data crosses, each as one sentence."""
+    limits, out = report["thresholds"], []
+    for split, r in report["splits"].items():
+        if r["bad_records"] and report["settings"]["on_bad_row"] == "error":
+            out.append(f"{r['bad_records']} bad {split} records stop fit (data.on_bad_row: error)")
+        checks = [
+            ("max_bad_row_rate", "bad-record rate", r["bad_records"] / max(r["records"], 1)),
+            ("max_truncation_rate", "chosen truncation rate", r["truncation_rate"]["chosen"]),
+            ("max_truncation_rate", "rejected truncation rate", r["truncation_rate"]["rejected"]),
+            (
+                "max_identical_rate",
+                "identical-after-truncation rate",
+                r["identical_after_truncation"] / max(r["pairs"], 1),
+            ),
+        ]
+        for key, what, value in checks:
+            if limits.get(key) is not None and value > limits[key]:
+                out.append(f"{split} {what} {value:.3f} > data.{key} {limits[key]}")
+    return out
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line for the setup log."""
+    train = report["splits"]["train"]
+    pairs = report["pairs"]
+    parts = [f"data: {train['records']} {train['format']} records -> {pairs['train']} train / {pairs['val']} val pairs"]
+    for split, r in report["splits"].items():
+        if r["bad_records"]:
+            kinds = ", ".join(f"{k} {v['count']}" for k, v in r["bad_by_kind"].items())
+            parts.append(f"{r['bad_records']} bad {split} records skipped ({kinds})")
+    t = train["truncation_rate"]
+    parts.append(f"truncated: prompt {t['prompt']:.1%}, chosen {t['chosen']:.1%}, rejected {t['rejected']:.1%}")
+    if train["identical_after_truncation"]:
+        verb = "dropped" if train["identical_dropped"] else "kept"
+        parts.append(f"{train['identical_after_truncation']} pairs identical after truncation ({verb})")
+    pad = report["padding"]
+    parts.append(f"padding {pad['grouped']:.1%} grouped by length vs {pad['random']:.1%} random")
+    if train["from_cache"]:
+        parts.append("tokenized pairs from cache")
+    return "; ".join(parts)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text, for the terminal."""
+    lines = ["Data audit", "=========="]
+    lines += [f"  {k}: {v}" for k, v in report["settings"].items()]
+    lines.append(f"  pairs after filtering: train {report['pairs']['train']}, val {report['pairs']['val']}")
+    for split, r in report["splits"].items():
+        lines += ["", f"[{split}] {r['records']} records ({r['format']}), {r['bad_records']} bad, {r['pairs']} pairs"]
+        for kind, entry in r["bad_by_kind"].items():
+            lines.append(f"  bad {kind}: {entry['count']}")
+            lines += [f"    e.g. {ex['where']}, field {ex['field']!r}: {ex['message']}" for ex in entry["examples"]]
+        lines.append("  tokens        p50     p90     p99     max    mean")
+        for part, s in r["tokens"].items():
+            lines.append(f"  {part:<9} {s['p50']:>7.0f} {s['p90']:>7.0f} {s['p99']:>7.0f} {s['max']:>7} {s['mean']:>7}")
+        t = r["truncation_rate"]
+        lines.append(f"  truncated: prompt {t['prompt']:.1%}, chosen {t['chosen']:.1%}, rejected {t['rejected']:.1%}")
+        e = r["missing_eos"]
+        lines.append(f"  responses without EOS (cut at max_length): chosen {e['chosen']}, rejected {e['rejected']}")
+        verb = "dropped" if r["identical_dropped"] else "kept"
+        lines.append(f"  identical after truncation (zero gradient): {r['identical_after_truncation']} ({verb})")
+        g = r["length_gap"]
+        lines.append(
+            f"  length gap chosen - rejected (tokens): mean {g['mean']:+.1f}, median {g['median']:+.0f}; chosen "
+            f"longer in {g['chosen_longer']:.1%}, rejected longer in {g['rejected_longer']:.1%}"
+        )
+    pad = report["padding"]
+    lines += [
+        "",
+        f"padding of training batches (batch {pad['batch_size']} pairs): {pad['grouped']:.1%} grouped by length, "
+        f"{pad['random']:.1%} random order (data.group_by_length: {str(pad['group_by_length']).lower()})",
+    ]
+    lines.append("thresholds crossed: " + ("; ".join(report["violations"]) if report["violations"] else "none"))
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, stats: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """Write ``data_audit.json`` and, when matplotlib is installed, ``data_lengths.png``; return the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "data_audit.json"]
+    paths[0].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if stats is not None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return paths
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), sharey=True)
+        settings = report["settings"]
+        for ax, part in zip(axes, ("prompt", "chosen", "rejected"), strict=True):
+            ax.hist(stats[f"{part}_tokens"], bins=50, color="tab:blue" if part == "prompt" else "tab:green")
+            limit = settings["max_prompt_length"] if part == "prompt" else settings["max_length"]
+            ax.axvline(
+                limit,
+                color="tab:red",
+                linestyle="--",
+                label=f"{'max_prompt_length' if part == 'prompt' else 'max_length'} {limit}",
+            )
+            ax.set_title(f"{part} tokens (before truncation)")
+            ax.set_xlabel("tokens")
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("pairs")
+        fig.tight_layout()
+        paths.append(out / "data_lengths.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def _filtered_config(path: str) -> str:
+    """A fit config reduced to the sections the audit reads, as a YAML string for jsonargparse."""
+    import yaml
+
+    from dpo_lightning.errors import ConfigError
+
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err})") from None
+    return yaml.safe_dump({k: v for k, v in config.items() if k in KEEP_SECTIONS})
+
+
+def parse_args(argv: list[str]) -> Any:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from dpo_lightning.cli import RunConfig
+    from dpo_lightning.data.datamodule import PreferenceDataModule
+
+    parser = ArgumentParser(prog="dpo-lightning audit", description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="the fit config (repeatable; data/run sections)")
+    parser.add_class_arguments(PreferenceDataModule, "data")
+    parser.add_class_arguments(RunConfig, "run")
+    parser.add_argument("--out", type=str | None, default=None, help="where to write (default: run.dir)")
+    args, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--config" and i + 1 < len(argv):
+            args += ["--config", _filtered_config(argv[i + 1])]
+            i += 2
+            continue
+        args.append(f"--config={_filtered_config(word[9:])}" if word.startswith("--config=") else word)
+        i += 1
+    config = parser.parse_args(args)
+    return parser.instantiate(config), config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dpo-lightning audit``: print and write the report; exit 1 when a configured threshold is crossed."""
+    init, config = parse_args(list(sys.argv[1:] if argv is None else argv))
+    dm = init.data
+    dm.prepare(enforce_thresholds=False)
+    report = dm.report
+    print(format_report(report))
+    run = config.run
+    out = config.out or run.dir or f"runs/{run.name or 'data'}-audit-{time.strftime('%Y%m%d-%H%M%S')}"
+    paths = write_report(report, out, dm.stats.get("train"))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 1 if report["violations"] else 0
+
+
+if __name__ == "__main__":
+    from dpo_lightning.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as err:
+        print(f"dpo-lightning audit: error: {err}", file=sys.stderr)
+        sys.exit(2)
