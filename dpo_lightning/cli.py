@@ -3,6 +3,7 @@
     dpo-lightning fit --config experiments/tiny_cpu.yaml [--config overlay.yaml] [--model.beta 0.5 ...]
     dpo-lightning validate|test --config ... --ckpt_path runs/<run>/checkpoints/last.ckpt
     dpo-lightning audit --config experiments/tiny_cpu.yaml [--data.max_length 256] [--out DIR]
+    dpo-lightning export runs/<run>/checkpoints/last.ckpt OUT_DIR     (a Hugging Face model directory)
     dpo-lightning sweep|compare|reproduce ...   (see ``dpo-lightning <command> --help``)
 
 ``fit``/``validate``/``test`` are LightningCLI: every ``__init__`` argument of PreferenceModule (``model.*``),
@@ -29,6 +30,7 @@ EXTRA_COMMANDS = {
     "compare": "dpo_lightning.compare",
     "reproduce": "dpo_lightning.reproduce.__main__",
     "audit": "dpo_lightning.data.audit",
+    "export": "dpo_lightning.export",
 }
 
 
@@ -85,14 +87,30 @@ def flat_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def default_run_dir(name: str) -> str:
+    """runs/<name>-<id>: the scheduler's job id when there is one, so every process of a job picks the same folder."""
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if job != "none":
+        return f"runs/{name}-{job}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by an external launcher without a run id
+        from dpo_lightning.errors import ConfigError
+
+        raise ConfigError("run.dir: set --run.dir when a launcher starts the processes, so they share one folder")
+    return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def build_loggers(run: RunConfig, loss: str, beta: float, settings: dict | None = None) -> tuple[list, str]:
     """The CSV logger (always) and the wandb logger (when enabled and installed), both writing to the run folder."""
     from lightning.pytorch.loggers import CSVLogger
 
     name = run.name or f"{loss}-beta{beta:g}"
-    run_dir = run.dir or os.environ.get(RUN_DIR_ENV) or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    launching = RUN_DIR_ENV not in os.environ  # False in the processes Lightning starts for a multi-process run
+    run_dir = run.dir or os.environ.get(RUN_DIR_ENV) or default_run_dir(name)
     os.environ[RUN_DIR_ENV] = run_dir  # child processes of a multi-process launch reuse the same folder
     Path(run_dir).mkdir(parents=True, exist_ok=True)
+    metrics = Path(run_dir) / "metrics.csv"
+    if launching and metrics.exists():  # a resumed run: Lightning's CSV logger would overwrite the history
+        metrics.rename(metrics.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.csv"))
     loggers = [CSVLogger(save_dir=run_dir, name="", version="", flush_logs_every_n_steps=run.csv_flush_every)]
     if run.wandb:
         try:

@@ -5,11 +5,17 @@
 One training step: chosen and rejected sequences go through the policy in one forward pass (the collator
 stacks them as 2B rows), the reference scores the same rows without gradient, and the loss turns the four
 per-example log-probs into a loss and implicit rewards.
+
+The reference is held outside the module's registered children: it is never in the optimizer, a state dict
+or a checkpoint (it is rebuilt from its source on resume, and checked against a fingerprint of its weights),
+yet it moves and casts with the module. Under ``trainer.strategy: fsdp`` both models are sharded in
+``configure_model``; with ``precompute_reference`` its log-probs are computed once and it leaves memory.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import time
 import warnings
@@ -21,11 +27,22 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
+from dpo_lightning import reference as ref_store
 from dpo_lightning.errors import ConfigError
+from dpo_lightning.guards import NonFiniteGuard
 from dpo_lightning.logps import Aggregation, sequence_logps
 from dpo_lightning.losses import LOSSES, get_loss, loss_params
 from dpo_lightning.models import build_causal_lm
 from dpo_lightning.models import disable_dropout as zero_dropout
+from dpo_lightning.strategy import (
+    all_gather_objects,
+    enable_activation_checkpointing,
+    get_rng_state,
+    is_fsdp,
+    rank_and_world,
+    set_rng_state,
+    shard_model,
+)
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -64,6 +81,10 @@ class PreferenceModule(pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 150,
         lr_schedule: Literal["constant", "cosine"] = "constant",
+        precompute_reference: bool = False,
+        reference_cache_dir: str | None = None,
+        activation_checkpointing: bool = False,
+        guard_non_finite: bool = True,
         tokenizer: Any = None,
     ):
         """The policy, its reference, and the preference loss.
@@ -88,6 +109,15 @@ class PreferenceModule(pl.LightningModule):
             weight_decay: decoupled weight decay (AdamW) or L2 penalty (RMSprop).
             warmup_steps: linear warmup from 0 to ``lr`` over this many optimizer steps.
             lr_schedule: after warmup, ``constant`` or ``cosine`` decay to 0 at the last step.
+            precompute_reference: score every train/val pair with the reference once before training, store
+                the log-probs on disk (reused by any run with the same reference, tokenizer, data, lengths,
+                aggregation and precision) and train without the reference in memory.
+            reference_cache_dir: where precomputed reference log-probs are stored; default
+                ``$DPO_LIGHTNING_CACHE/reference_logps`` or ``~/.cache/dpo_lightning/reference_logps``.
+            activation_checkpointing: recompute the policy's block activations in the backward pass (less
+                memory, ~30% more compute).
+            guard_non_finite: stop at the first NaN/inf loss or gradient, naming the step and the batch's rows,
+                before anything non-finite is saved.
             tokenizer: set by the CLI from the data module (``data.tokenizer``); sizes a policy built from a config.
         """
         super().__init__()
@@ -116,24 +146,52 @@ class PreferenceModule(pl.LightningModule):
         self.loss_kwargs = loss_params(self.loss_fn, {"label_smoothing": label_smoothing})
         self.tokenizer = tokenizer
 
+        if precompute_reference and reference_free:
+            raise ConfigError("model.precompute_reference needs a reference; it is off with model.reference_free")
+
         self.policy = build_causal_lm(policy, policy_config, tokenizer)
+        # from_pretrained returns eval mode and Lightning keeps submodule modes: train mode, so dropout (when
+        # not disabled) is live in training steps
+        self.policy.train()
         if reference_free:
-            self.reference = None
+            frozen = None
         elif reference is None:
-            self.reference = copy.deepcopy(self.policy)
+            frozen = copy.deepcopy(self.policy)
         else:
-            self.reference = build_causal_lm(reference, None, tokenizer)
-        for model in (self.policy, self.reference):
+            frozen = build_causal_lm(reference, None, tokenizer)
+        for model in (self.policy, frozen):
             if model is not None and disable_dropout:
                 zero_dropout(model)
-        if self.reference is not None:
-            self.reference.requires_grad_(False)
-            self.reference.eval()
+        if frozen is not None:
+            frozen.requires_grad_(False)
+            frozen.eval()
+        self._set_reference(frozen)
+        self.reference_fingerprint: str | None = None  # set in setup(), before any sharding
+        self._reference_tables: dict[str, ref_store.ReferenceLogps] = {}
+        self._model_configured = False
+        self._train_rng: dict[str, torch.Tensor] | None = None  # the training step's own RNG stream
+        self._outer_rng: dict[str, torch.Tensor] | None = None
+        self._window_step, self._window_sums, self._window_start = -1, None, 0.0  # one optimizer step's batches
 
         self.metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({_key(m): MeanMetric() for m in METRICS}) for stage in ("val", "test")}
         )
-        self._batch_start = 0.0
+
+    # ------------------------------------------------------------------ the reference, outside the state dict
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen reference model (``None`` when reference-free or after precomputing its log-probs)."""
+        return self.__dict__.get("_frozen_reference")
+
+    def _set_reference(self, model: nn.Module | None) -> None:
+        self.__dict__["_frozen_reference"] = model  # bypasses nn.Module registration on purpose
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> PreferenceModule:
+        """Device moves and dtype casts (``.to``, precision plugins) reach the unregistered reference too."""
+        super()._apply(fn, *args, **kwargs)
+        if self.reference is not None:
+            self.reference._apply(fn, *args, **kwargs)
+        return self
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> PreferenceModule:
@@ -150,17 +208,24 @@ class PreferenceModule(pl.LightningModule):
         logps, _ = sequence_logps(logits, batch["labels"], self.hparams.logp_aggregation)
         return logps
 
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reference_logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> torch.Tensor:
+        """Reference log-probs (2B,): from the precomputed store when there is one, else a no-grad forward."""
+        if split in self._reference_tables:
+            return self._reference_tables[split].lookup(batch["index"])
+        if self.hparams.precompute_reference and self.reference is None:
+            raise RuntimeError(f"no precomputed reference log-probs for the {split} split")
         if self.reference is None:
             return torch.zeros(batch["input_ids"].shape[0], device=self.device)
         with torch.no_grad():
             return self.concatenated_logps(self.reference, batch)
 
-    def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def model_step(
+        self, batch: dict[str, torch.Tensor], split: str = "train"
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss (scalar, with grad) and per-example metric values (each (B,), no grad)."""
         n = batch["index"].shape[0]
         policy_logps = self.concatenated_logps(self.policy, batch)
-        ref_logps = self.reference_logps(batch)
+        ref_logps = self.reference_logps(batch, split)
         pc, pr, rc, rr = policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:]
         losses, chosen_rewards, rejected_rewards = self.loss_fn(pc, pr, rc, rr, beta=self.beta, **self.loss_kwargs)
         values = {
@@ -181,13 +246,25 @@ class PreferenceModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, values = self.model_step(batch)
         n = batch["index"].shape[0]
-        self.log("train/loss", loss.detach(), batch_size=n, prog_bar=True)
-        self.log_dict({f"train/{k}": v.mean() for k, v in values.items() if k != "loss"}, batch_size=n)
-        self.log("train/acc", values["rewards/accuracies"].mean(), batch_size=n, prog_bar=True, logger=False)
+        means = self._global_means(values, n, batch["attention_mask"].sum())
+        self.log("train/loss", means.pop("loss"), batch_size=n, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in means.items()}, batch_size=n)
+        self.log("train/acc", means["rewards/accuracies"], batch_size=n, prog_bar=True, logger=False)
         return loss
 
+    def _global_means(self, values: dict[str, torch.Tensor], n: int, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Means over every pair of the optimizer step: all ranks' batches (one all-reduce) and all micro-batches
+        accumulated so far, so a logged training value does not depend on the number of processes or on
+        gradient accumulation (Lightning logs the last micro-batch of each step)."""
+        names = list(values)
+        sums = torch.stack([values[k].float().sum() for k in names] + [tokens.float(), tokens.new_tensor(n).float()])
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        self._window_sums = sums if self._window_sums is None else self._window_sums + sums
+        return {k: self._window_sums[i] / self._window_sums[-1] for i, k in enumerate(names)}
+
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        _, values = self.model_step(batch)
+        _, values = self.model_step(batch, stage)
         metrics = self.metrics[stage]
         for name, value in values.items():
             metrics[_key(name)].update(value)
@@ -207,11 +284,21 @@ class PreferenceModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ throughput and lr
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._batch_start = time.perf_counter()
+        # the training step draws from its own RNG stream (saved in checkpoints), so dropout masks do not
+        # depend on what validation or data loading drew in between: resuming replays the same masks
+        self._outer_rng = get_rng_state()
+        if self._train_rng is not None:
+            set_rng_state(self._train_rng)
+        if self._window_step != self.trainer.global_step:  # first micro-batch of an optimizer step
+            self._window_step, self._window_sums = self.trainer.global_step, None
+            self._window_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        elapsed = time.perf_counter() - self._batch_start
-        tokens = batch["attention_mask"].sum().item()  # real (non-pad) tokens of chosen + rejected
+        self._train_rng = get_rng_state()
+        set_rng_state(self._outer_rng)
+        self._outer_rng = None
+        elapsed = time.perf_counter() - self._window_start
+        tokens = float(self._window_sums[-2])  # real (non-pad) tokens of chosen + rejected, all ranks
         self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
@@ -237,10 +324,86 @@ class PreferenceModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ------------------------------------------------------------------ run folder
+    # ------------------------------------------------------------------ sharding
+    def setup(self, stage: str) -> None:
+        if self.reference is not None and self.reference_fingerprint is None:
+            self.reference_fingerprint = ref_store.weights_fingerprint(self.reference)  # before sharding
+
+    def configure_model(self) -> None:
+        """Lightning calls this on every process before building the optimizer: activation checkpointing, and
+        under ``trainer.strategy: fsdp`` ``fully_shard`` per decoder block and per model, policy and reference."""
+        if self._model_configured:
+            return
+        self._model_configured = True
+        if self.hparams.activation_checkpointing:
+            enable_activation_checkpointing(self.policy)
+        if self._trainer is not None and is_fsdp(self.trainer.strategy):
+            mesh = self.device_mesh["data_parallel"]
+            shard_model(self.policy, mesh, precision=self.trainer.precision)
+            if self.reference is not None:
+                shard_model(self.reference, mesh, precision=self.trainer.precision, frozen=True)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [NonFiniteGuard()] if self.hparams.guard_non_finite else []
+
+    # ------------------------------------------------------------------ precomputed reference log-probs
+    def _prepare_reference_logps(self, splits: tuple[str, ...]) -> None:
+        """Load (or compute once and store) the reference log-probs of ``splits``; when fitting, then drop the
+        reference from memory."""
+        if not self.hparams.precompute_reference:
+            return
+        missing = [split for split in splits if split not in self._reference_tables]
+        if missing:
+            self._reference_tables.update(ref_store.prepare_splits(self, missing))
+        if self.trainer.state.fn == "fit" and self.reference is not None:
+            self._set_reference(None)  # training runs the policy alone from here
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":
+            self._prepare_reference_logps(("val",))
+
+    def on_test_start(self) -> None:
+        self._prepare_reference_logps(("test",))
+
+    # ------------------------------------------------------------------ run folder and checkpoints
     def on_fit_start(self) -> None:
-        """Save the tokenizer with the run so the run can be reloaded and exported as it was trained."""
+        """Save the tokenizer with the run so the run can be reloaded and exported as it was trained; load or
+        compute the precomputed reference log-probs."""
         log_dir = self.trainer.log_dir
         # without a logger, log_dir falls back to the working directory: write nothing there
         if self.tokenizer is not None and self.trainer.loggers and log_dir and self.trainer.is_global_zero:
             self.tokenizer.save_pretrained(f"{log_dir}/tokenizer")
+        self._prepare_reference_logps(("train", "val"))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Beside the policy and optimizer: the policy's HF config (for export), the reference's fingerprint
+        (the reference itself is rebuilt from its source on resume) and every rank's training RNG stream."""
+        # mid-step (a checkpoint saved in on_train_batch_end) the stream is the live global RNG state
+        rng = get_rng_state() if self._outer_rng is not None else self._train_rng
+        checkpoint["dpo_lightning"] = {
+            "hf_config": self.policy.config.to_dict(),
+            "reference_fingerprint": self.reference_fingerprint,
+            "train_rng": all_gather_objects(rng),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):  # checkpoints from before the reference left the state dict
+            for key in [k for k in state if k.startswith("reference.")]:
+                del state[key]
+        meta = checkpoint.get("dpo_lightning") or {}
+        saved = meta.get("reference_fingerprint")
+        if saved and self.reference_fingerprint and saved != self.reference_fingerprint:
+            raise ConfigError(
+                "the reference rebuilt for this run differs from the one the checkpoint was trained with "
+                f"(weights fingerprint {self.reference_fingerprint} != {saved}). The reference is not stored in "
+                "checkpoints: resume with the same model.policy/model.reference and, for a model built from "
+                "model.policy_config, the same seed_everything."
+            )
+        streams = meta.get("train_rng") or []
+        rank, world = rank_and_world()
+        if streams and streams[0] is not None:
+            self._train_rng = streams[rank] if len(streams) == world else streams[0]

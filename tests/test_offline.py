@@ -106,3 +106,30 @@ def test_explicit_file_still_loads_with_fallback_configured(tmp_path, tiny_token
     dm._tokenizer = tiny_tokenizer
     dm.setup()
     assert len(dm.datasets["train"]) > 0
+
+
+def test_run_folder_defaults(monkeypatch, tmp_path):
+    """Every process of one job must pick the same run folder: the scheduler's job id names it; a resumed run
+    keeps the earlier metrics.csv instead of letting the CSV logger overwrite it."""
+    from dpo_lightning.cli import RUN_DIR_ENV, RunConfig, build_loggers, default_run_dir
+    from dpo_lightning.errors import ConfigError
+
+    for key in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", RUN_DIR_ENV):
+        monkeypatch.setenv(key, "x")  # recorded, so the teardown restores each variable's absence
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert default_run_dir("dpo") == "runs/dpo-4242"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert default_run_dir("dpo") == "runs/dpo-abc"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--run.dir"):
+        default_run_dir("dpo")
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("step,train/loss\n0,0.69\n")
+    build_loggers(RunConfig(dir=str(run_dir), wandb=False), "dpo", 0.1)
+    kept = list(run_dir.glob("metrics.before-*.csv"))
+    assert len(kept) == 1 and kept[0].read_text() == "step,train/loss\n0,0.69\n"

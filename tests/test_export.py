@@ -1,0 +1,88 @@
+"""``dpo-lightning export CKPT OUT_DIR``: a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained``
+loads, holding exactly the trained policy, from a sharded (FSDP) and from a single-file checkpoint alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_strategy import fsdp_run, make_assets, single_run
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo_lightning.errors import UserError
+from dpo_lightning.export import load_checkpoint, main
+
+
+@pytest.fixture
+def assets(tmp_path_factory, tiny_tokenizer) -> Path:
+    return make_assets(tmp_path_factory.getbasetemp() / "scale_assets", tiny_tokenizer)
+
+
+def _assert_exported(ckpt: Path, out: Path, tokenizer_source: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(out)
+    trained, _ = load_checkpoint(ckpt)
+    state = model.state_dict()
+    assert set(trained) <= set(state)
+    for key, value in trained.items():
+        assert torch.equal(state[key], value), key
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tokenizer_source).get_vocab()
+    batch = tokenizer(["Review 3: The film was great."], return_tensors="pt")
+    assert torch.isfinite(model(**batch).logits).all()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("which", ["sharded", "single_file"])
+def test_export_round_trip(assets, tmp_path, which, capsys):
+    """The FSDP run's checkpoint is a folder of shards, the single-process run's one file; both export the
+    policy bit for bit, tied output layer included, with the run's tokenizer (found from the run folder)."""
+    run = fsdp_run(assets) if which == "sharded" else single_run(assets)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() == (which == "sharded")
+    assert main([str(ckpt), str(tmp_path / "hf")]) == 0
+    assert "exported the policy" in capsys.readouterr().out
+    _assert_exported(ckpt, tmp_path / "hf", run / "tokenizer")
+
+
+def test_export_to_bfloat16(assets, tmp_path):
+    ckpt = single_run(assets) / "checkpoints" / "last.ckpt"
+    main([str(ckpt), str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "gpt_neox", "num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2,
+         "intermediate_size": 32},
+        {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2,
+         "intermediate_size": 32, "num_key_value_heads": 1},
+    ],
+)  # fmt: skip
+def test_export_other_architectures(config, tiny_tokenizer, tmp_path):
+    """Pythia (GPT-NeoX) and Llama policies, as PreferenceModule checkpoints them, export and reload exactly."""
+    from dpo_lightning.models import build_causal_lm
+
+    torch.manual_seed(0)
+    policy = build_causal_lm(None, config, tiny_tokenizer)
+    checkpoint = {
+        "state_dict": {f"policy.{k}": v for k, v in policy.state_dict().items()},
+        "dpo_lightning": {"hf_config": policy.config.to_dict()},
+    }
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    main([str(tmp_path / "last.ckpt"), str(tmp_path / "hf")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert torch.equal(model(ids).logits, policy.eval()(ids).logits)
+
+
+def test_export_errors_are_clear(tmp_path):
+    with pytest.raises(UserError, match="no such checkpoint"):
+        main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out")])
+    torch.save({"state_dict": {"reference.w": torch.zeros(1)}}, tmp_path / "bad.ckpt")
+    with pytest.raises(UserError, match="holds no policy weights"):
+        main([str(tmp_path / "bad.ckpt"), str(tmp_path / "out")])
