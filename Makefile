@@ -49,6 +49,10 @@ reproduce: install  ## the DPO/IPO/cDPO papers' claims, Parts 1+2 (<= 30 min on 
 reproduce-quick: install  ## Part 1 in full + Part 2 at toy size (<= 5 min) -> reports/reproduce/
 	$(BIN)/python -m dpo_lightning.reproduce --quick --seed $(SEED) --out reports/reproduce
 
+bench: install  ## ours vs TRL's DPOTrainer, levers, scaling (~15 min on 2 cores) -> reports/bench/
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[$(EXTRAS),bench]'
+	$(BIN)/python -m dpo_lightning.bench --out reports/bench
+
 SWEEP ?= loss_variants
 sweep: install  ## run sweeps/$(SWEEP).yaml offline, then chart it: make sweep SWEEP=label_noise ARGS="--workers 2"
 	$(BIN)/dpo-lightning sweep sweeps/$(SWEEP).yaml $(ARGS)

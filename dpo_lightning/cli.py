@@ -31,6 +31,7 @@ EXTRA_COMMANDS = {
     "reproduce": "dpo_lightning.reproduce.__main__",
     "audit": "dpo_lightning.data.audit",
     "export": "dpo_lightning.export",
+    "bench": "dpo_lightning.bench.__main__",
 }
 
 

@@ -1,0 +1,68 @@
+"""The benchmark harness at toy size. No test asserts a speed: they check that the harness measures what it says."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dpo_lightning.bench import sections, suite
+from dpo_lightning.bench.__main__ import SECTIONS, main
+from dpo_lightning.bench.patches import response_only_logps
+from dpo_lightning.bench.step import build_module, synthetic_batch
+from dpo_lightning.bench.trl_side import trl_version
+
+from conftest import HH_TEST
+
+
+@pytest.mark.skipif(not HH_TEST.exists(), reason="needs the shared HH data beside the checkout")
+def test_quick_run_writes_every_section(tmp_path):
+    """`--quick` runs every section at toy size in one process and writes results.json and README.md. Without
+    TRL installed, the TRL side is recorded as skipped with the reason; with it, both sides' first losses agree."""
+    out = tmp_path / "bench"
+    assert main(["--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for name in SECTIONS:
+        assert results[name]["status"] in ("ok", "skipped"), (name, results[name])
+    trl = results["trl"]
+    assert trl["summary"]["ours_padded"]["tokens_per_s"] > 0
+    assert trl["summary"]["ours_padded"]["peak_rss_mb"] > 0
+    if trl_version() is None:
+        assert trl["trl"]["status"] == "skipped" and "not installed" in trl["trl"]["reason"]
+    else:
+        checks = trl["equal_work"].values()
+        assert checks and all(c["ok"] for c in checks), trl["equal_work"]
+        assert math.isclose(trl["runs"]["trl_padded"][0]["losses"][0], math.log(2), abs_tol=1e-6)
+    assert results["sweep"]["step_time_fit"]
+    assert results["pipeline"]["hh"]["cached"]["pairs"] > 0
+    readme = (out / "README.md").read_text()
+    assert "## Targets" in readme and "GPU: none" in readme
+
+
+def test_trl_missing_is_a_reason_not_a_crash(monkeypatch):
+    monkeypatch.setattr("dpo_lightning.bench.trl_side.trl_version", lambda: None)
+    assert "not installed" in sections.trl_available()
+
+
+def test_response_only_head_gives_the_same_logps():
+    """The proposed output layer scores only response positions; the sums over them must not change (sum and
+    mean aggregation), and gradients must flow to the policy."""
+    batch = synthetic_batch(3, 24, 128, fill=0.5, seed=1)
+    module = build_module("L2-d64", 128, 24)
+    module.train()
+    for aggregation in ("sum", "mean"):
+        module.hparams.logp_aggregation = aggregation
+        shipped = module.concatenated_logps(module.policy, batch)
+        proposed = response_only_logps(module, module.policy, batch)
+        torch.testing.assert_close(proposed, shipped, rtol=1e-5, atol=1e-4)
+    proposed.sum().backward()
+    assert module.policy.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_linear_fit_and_per_round_ratios():
+    """y = 1 + 2x fits exactly; ratios pair runs of the same round and skip failed ones."""
+    fit = suite.linear_fit([1, 2, 3], [3, 5, 7])
+    assert fit["slope_s_per_token"] == pytest.approx(2) and fit["r2"] == pytest.approx(1)
+    a = [{"round": 0, "status": "ok", "v": 4.0}, {"round": 1, "status": "error"}]
+    b = [{"round": 0, "status": "ok", "v": 2.0}, {"round": 1, "status": "ok", "v": 1.0}]
+    assert suite.ratio_per_round(a, b, "v") == [2.0]
