@@ -2,13 +2,21 @@
 
 A causal LM's logits at position t predict token t+1, so labels are shifted by one against logits. Tokens
 whose label is ``IGNORE_INDEX`` (the prompt and the padding) contribute nothing.
+
+``response_logps`` scores a model on a batch without computing the logits nobody reads: the output layer
+(hidden -> vocabulary) runs only at positions whose next token is a response token. On HH pairs about one
+position in six is one, and at small model sizes the output layer is most of the step, so this is the largest
+single speed and memory lever we measured (reports/bench/README.md).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
 IGNORE_INDEX = -100
 Aggregation = Literal["sum", "mean"]
@@ -59,3 +67,53 @@ def sequence_logps(
     if aggregation == "mean":
         return total / n_tokens.clamp(min=1), n_tokens
     raise ValueError(f"logp_aggregation must be 'sum' or 'mean', got {aggregation!r}")
+
+
+@contextlib.contextmanager
+def output_layer_on(model: nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model's output layer sees ``hidden[:, :-1][positions]`` (N, H), not (B, T, H).
+
+    A forward pre-hook does the selection inside the model's own forward, so it works for any Hugging Face causal
+    LM whose logits are ``get_output_embeddings()(hidden)`` followed by element-wise steps, and under FSDP2 (the
+    layer's weights are gathered when the hook runs).
+    """
+    head = model.get_output_embeddings()
+
+    def select(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][:, :-1][positions], *args[1:])  # position t predicts token t+1
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def response_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    aggregation: Aggregation = "sum",
+) -> torch.Tensor:
+    """Sequence log-probs (B,), as :func:`sequence_logps` of the model's logits, scoring response positions only.
+
+    Args:
+        model: a Hugging Face causal LM.
+        input_ids, attention_mask: (B, T) model inputs.
+        labels: (B, T) with prompt and padding set to ``IGNORE_INDEX``.
+        aggregation: ``sum`` or ``mean`` over the response tokens, as in :func:`sequence_logps`.
+    """
+    if aggregation not in ("sum", "mean"):
+        raise ValueError(f"logp_aggregation must be 'sum' or 'mean', got {aggregation!r}")
+    targets = labels[:, 1:]  # (B, T-1)
+    positions = targets != IGNORE_INDEX
+    with output_layer_on(model, positions):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, V)
+    if logits.dim() == 3:  # the model did not pass its hidden states through the output layer: full logits came back
+        return sequence_logps(logits, labels, aggregation)[0]
+    per_token = token_logps(logits.unsqueeze(0), targets[positions].unsqueeze(0)).squeeze(0)  # (N,)
+    totals = per_token.new_zeros(targets.shape[0]).index_add(0, positions.nonzero()[:, 0], per_token)
+    if aggregation == "mean":
+        totals = totals / positions.sum(-1).clamp(min=1)
+    return totals

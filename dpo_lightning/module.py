@@ -30,7 +30,7 @@ from torchmetrics import MeanMetric
 from dpo_lightning import reference as ref_store
 from dpo_lightning.errors import ConfigError
 from dpo_lightning.guards import NonFiniteGuard
-from dpo_lightning.logps import Aggregation, sequence_logps
+from dpo_lightning.logps import Aggregation, response_logps, sequence_logps
 from dpo_lightning.losses import LOSSES, get_loss, loss_params
 from dpo_lightning.models import build_causal_lm
 from dpo_lightning.models import disable_dropout as zero_dropout
@@ -85,6 +85,7 @@ class PreferenceModule(pl.LightningModule):
         reference_cache_dir: str | None = None,
         activation_checkpointing: bool = False,
         guard_non_finite: bool = True,
+        score_response_only: bool = True,
         tokenizer: Any = None,
     ):
         """The policy, its reference, and the preference loss.
@@ -118,6 +119,9 @@ class PreferenceModule(pl.LightningModule):
                 memory, ~30% more compute).
             guard_non_finite: stop at the first NaN/inf loss or gradient, naming the step and the batch's rows,
                 before anything non-finite is saved.
+            score_response_only: run the output layer (hidden -> vocabulary) only at positions whose next token
+                is a response token; the log-probs are the same, the step is ~3x faster and lighter on HH at small
+                model sizes. Turn off for a model whose forward does not end in its output embeddings.
             tokenizer: set by the CLI from the data module (``data.tokenizer``); sizes a policy built from a config.
         """
         super().__init__()
@@ -204,8 +208,11 @@ class PreferenceModule(pl.LightningModule):
     # ------------------------------------------------------------------ the step
     def concatenated_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sequence log-probs (2B,) of the chosen-then-rejected rows, in one forward pass."""
+        aggregation = self.hparams.logp_aggregation
+        if self.hparams.get("score_response_only", True):  # the output layer only where a response token is next
+            return response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], aggregation)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
-        logps, _ = sequence_logps(logits, batch["labels"], self.hparams.logp_aggregation)
+        logps, _ = sequence_logps(logits, batch["labels"], aggregation)
         return logps
 
     def reference_logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> torch.Tensor:

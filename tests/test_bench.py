@@ -8,7 +8,7 @@ import torch
 
 from dpo_lightning.bench import sections, suite
 from dpo_lightning.bench.__main__ import SECTIONS, main
-from dpo_lightning.bench.patches import response_only_logps
+from dpo_lightning.bench.patches import full_logps
 from dpo_lightning.bench.step import build_module, synthetic_batch
 from dpo_lightning.bench.trl_side import trl_version
 
@@ -44,18 +44,18 @@ def test_trl_missing_is_a_reason_not_a_crash(monkeypatch):
     assert "not installed" in sections.trl_available()
 
 
-def test_response_only_head_gives_the_same_logps():
-    """The proposed output layer scores only response positions; the sums over them must not change (sum and
-    mean aggregation), and gradients must flow to the policy."""
+def test_full_head_gives_the_same_logps():
+    """The bench's `full` head (every position through the output layer) and the shipped response-only head score
+    the same tokens: their log-probs agree (sum and mean aggregation), and gradients flow to the policy."""
     batch = synthetic_batch(3, 24, 128, fill=0.5, seed=1)
     module = build_module("L2-d64", 128, 24)
     module.train()
     for aggregation in ("sum", "mean"):
         module.hparams.logp_aggregation = aggregation
         shipped = module.concatenated_logps(module.policy, batch)
-        proposed = response_only_logps(module, module.policy, batch)
-        torch.testing.assert_close(proposed, shipped, rtol=1e-5, atol=1e-4)
-    proposed.sum().backward()
+        full = full_logps(module, module.policy, batch)
+        torch.testing.assert_close(shipped, full, rtol=1e-5, atol=1e-4)
+    shipped.sum().backward()
     assert module.policy.get_output_embeddings().weight.grad.abs().sum() > 0
 
 

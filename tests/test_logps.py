@@ -73,3 +73,32 @@ def test_bad_aggregation_and_shapes():
         sequence_logps(torch.zeros(1, 3, 2), torch.zeros(1, 3, dtype=torch.long), "max")
     with pytest.raises(ValueError, match="disagree"):
         sequence_logps(torch.zeros(1, 3, 2), torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "mean"])
+def test_response_only_output_layer_matches_full_logits(aggregation):
+    """Running the output layer only at response positions changes which rows the matmul sees, not the maths:
+    log-probs equal sequence_logps over the full (B, T, V) logits, and so do their gradients w.r.t. the weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dpo_lightning.logps import response_logps
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_layer=2, n_embd=32, n_head=2, n_positions=16)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0  # two forwards must see the same network
+    model = GPT2LMHeadModel(config)
+    input_ids = torch.randint(0, 50, (3, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0  # right padding in row 1
+    labels = input_ids.clone()
+    labels[:, :3] = X  # prompt
+    labels[1, 7:] = X  # padding
+    labels[2, :6] = X  # a longer prompt
+
+    full, _ = sequence_logps(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels, aggregation)
+    (grad_full,) = torch.autograd.grad(full.sum(), model.transformer.wte.weight)
+    fast = response_logps(model, input_ids, attention_mask, labels, aggregation)
+    (grad_fast,) = torch.autograd.grad(fast.sum(), model.transformer.wte.weight)
+    assert torch.allclose(fast, full, atol=1e-5)
+    assert torch.allclose(grad_fast, grad_full, atol=1e-5)
+    assert not model.lm_head._forward_pre_hooks  # the hook is gone after the call

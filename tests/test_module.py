@@ -124,3 +124,19 @@ def test_learns_systematic_preference(pairs_file, tokenizer_dir, tmp_path):
     assert sum(last) / len(last) > 0.9
     assert float(rows[-1]["train/rewards/margins"]) > 0
     assert float(rows[-1]["train/tokens_per_sec"]) > 0
+
+
+def test_response_only_scoring_matches_full_scoring(pairs_file, tokenizer_dir):
+    """score_response_only changes the cost of the forward, not its result: same loss and log-probs."""
+    dm = _datamodule(pairs_file, tokenizer_dir)
+    batch = next(iter(dm.train_dataloader()))
+    results = []
+    for flag in (True, False):
+        module = _module(dm, score_response_only=flag)
+        with torch.no_grad():
+            module.policy.transformer.wte.weight.add_(0.01)  # policy != reference, so rewards are not all 0
+        results.append(module.model_step(batch))
+    (loss_a, values_a), (loss_b, values_b) = results
+    assert loss_a.item() == pytest.approx(loss_b.item(), abs=1e-5)
+    assert torch.allclose(values_a["logps/chosen"], values_b["logps/chosen"], atol=1e-4)
+    assert not torch.equal(values_a["rewards/margins"], torch.zeros_like(values_a["rewards/margins"]))

@@ -4,8 +4,8 @@
     python -m dpo_lightning.bench.ours_side SPEC.json OUT.json
 
 The spec names the data module's and the module's arguments (``data``, ``module``), the trainer's process
-count and strategy, and two bench-only switches: ``head`` (``full``, as shipped, or ``response_only``, the
-proposed change in :mod:`dpo_lightning.bench.patches`) and ``logps`` (see :func:`step.logps_variant`). Under
+count and strategy, and two bench-only switches: ``head`` (``response_only``, as shipped, or ``full``, every
+position through the output layer; :mod:`dpo_lightning.bench.patches`) and ``logps`` (:func:`step.logps_variant`). Under
 DDP/FSDP, Lightning relaunches this same command for the other ranks; each rank writes ``OUT.json.rank<r>``
 (rank 0 writes ``OUT.json``).
 """

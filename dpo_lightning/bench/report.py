@@ -6,29 +6,29 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-TARGETS = (  # (label, section path, key, target, "min" | "max")
-    ("tokens/s ours/TRL, reference every step", "reference_every_step", "tokens_per_s_ratio", 1.3, "min"),
+TARGETS = (  # (label, section path, key, target, "min" | "max"): ours as shipped (response-only head)
+    ("tokens/s ours/TRL, reference every step", "reference_every_step_response_only", "tokens_per_s_ratio", 1.3, "min"),
     (
         "tokens/s ours/TRL, precomputed reference + length grouping",
-        "precomputed_and_grouped",
+        "precomputed_and_grouped_response_only",
         "tokens_per_s_ratio",
         1.8,
         "min",
     ),
-    ("peak RSS ours/TRL, reference every step", "reference_every_step", "peak_rss_ratio", 1.0, "max"),
+    ("peak RSS ours/TRL, reference every step", "reference_every_step_response_only", "peak_rss_ratio", 1.0, "max"),
     (
         "peak RSS ours/TRL, precomputed reference + length grouping",
-        "precomputed_and_grouped",
+        "precomputed_and_grouped_response_only",
         "peak_rss_ratio",
         1.0,
         "max",
     ),
 )
-PROPOSED = (
-    ("tokens/s ours/TRL, reference every step", "reference_every_step_response_only", "tokens_per_s_ratio"),
-    ("tokens/s ours/TRL, precomputed + grouped", "precomputed_and_grouped_response_only", "tokens_per_s_ratio"),
-    ("peak RSS ours/TRL, reference every step", "reference_every_step_response_only", "peak_rss_ratio"),
-    ("peak RSS ours/TRL, precomputed + grouped", "precomputed_and_grouped_response_only", "peak_rss_ratio"),
+FULL_HEAD = (  # the same ratios with model.score_response_only: false (every position through the output layer)
+    ("tokens/s ours/TRL, reference every step", "reference_every_step", "tokens_per_s_ratio"),
+    ("tokens/s ours/TRL, precomputed + grouped", "precomputed_and_grouped", "tokens_per_s_ratio"),
+    ("peak RSS ours/TRL, reference every step", "reference_every_step", "peak_rss_ratio"),
+    ("peak RSS ours/TRL, precomputed + grouped", "precomputed_and_grouped", "peak_rss_ratio"),
 )
 
 
@@ -105,10 +105,10 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
     lines += _table(["ratio (median over rounds)", "measured", "target", "met"], rows)
     if results["mode"] != "quick":
         lines += render_findings(results)
-    proposed = [[label, ratios.get(key, {}).get(field)] for label, key, field in PROPOSED if key in ratios]
-    if proposed:
-        lines += ["With the proposed response-only output layer (`bench/patches.py`, see the findings below):", ""]
-        lines += _table(["ratio", "measured"], proposed)
+    full_head = [[label, ratios.get(key, {}).get(field)] for label, key, field in FULL_HEAD if key in ratios]
+    if full_head:
+        lines += ["With `model.score_response_only: false` (every position through the output layer):", ""]
+        lines += _table(["ratio", "measured"], full_head)
 
     # ------------------------------------------------------------------ 1. TRL
     lines += ["## 1. Ours vs TRL's DPOTrainer on Anthropic HH", ""]
@@ -193,7 +193,8 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
             "run; on/off is the lever's tokens/s over the shipped step's, same round. `full_log_softmax`: the "
             "(B, T, V) log-softmax then gather, instead of the package's gather − logsumexp. `compile`: "
             "`torch.compile` of the policy's and the reference's forward (one round; its compile time is in the "
-            "warm-up). `response_only_head`: the proposed change (findings above). Single-lever HH runs and the "
+            "warm-up). `response_only_head`: the shipped output layer, run only at response positions, against "
+            "`full` (findings above). Single-lever HH runs and the "
             "process counts ran one round each, so they carry the round-to-round spread that section 1 shows.",
             "",
         ]
@@ -301,11 +302,11 @@ def head_share(phases: dict[str, Any]) -> float | None:
 
 
 def render_findings(results: dict[str, Any]) -> list[str]:
-    """The numbers behind the proposed change, in a few sentences (empty when the sections did not run)."""
+    """The numbers behind the response-only head, in a few sentences (empty when the sections did not run)."""
     prof = results.get("profile", {})
     ph = prof.get("phases") or {}
     trl = results.get("trl", {})
-    gains = trl.get("lever_gains", {}).get("response_only_head (proposed)", {})
+    gains = trl.get("lever_gains", {}).get("response_only_head", {})
     if not ph.get("full") or gains.get("tokens_per_s_gain") is None:
         return []
     slots = ph["rows"] * (ph["width"] - 1)
@@ -318,11 +319,11 @@ def render_findings(results: dict[str, Any]) -> list[str]:
         f"In an HH batch of {ph['rows']} rows padded to {ph['width']} tokens, {ph['real_tokens']} of the "
         f"{ph['rows'] * ph['width']} slots are real tokens and only {ph['response_positions']} "
         f"({ph['response_positions'] / slots:.0%} of the scored positions) are response tokens, the only ones "
-        "whose log-probs enter the loss. As shipped, `concatenated_logps` projects every position onto the "
+        "whose log-probs enter the loss. With the `full` head, `concatenated_logps` projects every position onto the "
         f"vocabulary and takes its log-softmax: that output layer is {share:.0%} of the policy's forward time "
         "(section 'Where the time goes'), and its (2B, T, V) logits, their softmax and their gradient are the "
-        "peak memory. Projecting only the response positions (`bench/patches.py`, a forward pre-hook on the "
-        "output layer, a drop-in for `PreferenceModule.concatenated_logps`) gives the same log-probs (to float "
+        "peak memory. Projecting only the response positions (the shipped `logps.response_logps`, a forward "
+        "pre-hook on the output layer; `model.score_response_only`) gives the same log-probs (to float "
         f"rounding) and cuts the step from {step_full:.2f} s to {step_resp:.2f} s on that batch; through the whole "
         f"Lightning loop on HH it is ×{gains['tokens_per_s_gain']:.2f} tokens/s at "
         f"×{gains['peak_rss_ratio']:.2f} peak RSS.",
@@ -345,10 +346,10 @@ def render_profile(prof: dict[str, Any]) -> list[str]:
             "",
         ]
         rows = [[k, ph["full"][k], ph["response_only"].get(k)] for k in ph["full"]]
-        lines += _table(["phase", "as shipped", "response-only head"], rows)
+        lines += _table(["phase", "full head", "response-only head (shipped)"], rows)
         share = head_share(ph)
         if share is not None:
-            lines += [f"Output layer + log-softmax: {share:.0%} of the policy forward as shipped.", ""]
+            lines += [f"Output layer + log-softmax: {share:.0%} of the policy forward with the full head.", ""]
     tops = prof.get("top_ops") or {}
     if any(tops.values()):
         names = [n for n in tops if tops[n]]

@@ -162,7 +162,7 @@ def section_trl(ctx: Context) -> dict[str, Any]:
     for lever, name in (
         ("length_grouping", "ours_grouped"),
         ("precomputed_reference", "ours_precomputed"),
-        ("response_only_head (proposed)", "ours_padded_response_only"),
+        ("response_only_head", "ours_padded_response_only"),
         ("precomputed_and_grouped", "ours_levers"),
     ):
         if name in runs and ok(runs[name]):
@@ -411,7 +411,7 @@ def section_gpu() -> dict[str, Any]:
 
 def section_profile(ctx: Context) -> dict[str, Any]:
     """Where the time goes: torch.profiler's top operators over one step of each side (HH, same batch), and our
-    step split into phases with the output layer as shipped and response-only."""
+    step split into phases with the full output layer and the response-only one."""
     s, a = ctx.s, ctx.assets
     pairs_file = ctx.work / "pairs-padded.json"
     if not pairs_file.exists():

@@ -388,7 +388,7 @@ def bf16_peak_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> flo
 
 
 def measure_phases(spec: dict[str, Any]) -> dict[str, Any]:
-    """:func:`phases` on the first batch of ``spec``, with the output layer as shipped and response-only."""
+    """:func:`phases` on the first batch of ``spec``, with the full output layer and the response-only one."""
     from dpo_lightning.bench.patches import patched_head
 
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) over this one process")
     parser.add_argument("--compile", action="store_true", help="torch.compile policy and reference")
     parser.add_argument("--logps", default="gather_lse", choices=["gather_lse", "log_softmax"])
-    parser.add_argument("--head", default="full", choices=["full", "response_only"])
+    parser.add_argument("--head", default="response_only", choices=["response_only", "full"])
     parser.add_argument("--spec", help="a JSON configuration or list of them (the options above as keys)")
     parser.add_argument("--out", help="where --spec writes its JSON list of results")
     args = parser.parse_args(argv)

@@ -55,7 +55,7 @@ class Settings:
     lever_steps: int = 3  # timed steps of a step-loop lever run (fixed shapes: steadier than HH batches)
     compile: bool = True
     processes: bool = True
-    single_levers: bool = True  # HH runs with one lever on at a time (quick: only the proposed head)
+    single_levers: bool = True  # HH runs with one lever on at a time (quick: only the response-only head)
     profile_ops: bool = True  # torch.profiler runs of both sides (quick: only the phase split)
     pipeline_rows: int | None = None
 
