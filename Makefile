@@ -58,7 +58,7 @@ sweep: install  ## run sweeps/$(SWEEP).yaml offline, then chart it: make sweep S
 	$(BIN)/dpo-lightning sweep sweeps/$(SWEEP).yaml $(ARGS)
 	$(BIN)/dpo-lightning compare runs/sweeps/$(SWEEP) --out runs/sweeps/$(SWEEP)/compare
 
-tiny: install  ## train the tiny CPU config on the HH data (~2 min)
+tiny: install  ## train the tiny CPU config on the HH data (1-2 min)
 	$(BIN)/dpo-lightning fit --config experiments/tiny_cpu.yaml
 
 clean:  ## remove run outputs (keeps .venv)
