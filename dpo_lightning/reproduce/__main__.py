@@ -203,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     if not claims:
         print("error: no claim was checked (see the warnings above)", file=sys.stderr, flush=True)
     print(f"{n_pass}/{len(claims)} claims pass in {wall_s:.1f} s; report: {report}", flush=True)
-    return 0 if claims and n_pass == len(claims) and not failed_to_run else 1
+    # --quick runs Part 2 at toy size to check its pipeline: its claims are reported, but only Part 1's decide
+    gating = [c for p in parts for c in p.claims if not (args.quick and p.key == "2")]
+    if args.quick and len(gating) < len(claims):
+        print("quick mode: Part 2 ran at toy size; its claims are informational, Part 1's decide the exit code")
+    return 0 if claims and all(c.passed for c in gating) and not failed_to_run else 1
 
 
 if __name__ == "__main__":
