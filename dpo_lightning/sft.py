@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
-from dpo_lightning.data.datamodule import _builder
+from dpo_lightning.data.sources import builder_of
 from dpo_lightning.data.tokenize import prompt_ids, response_ids
 from dpo_lightning.errors import DataError
 from dpo_lightning.logps import IGNORE_INDEX
@@ -278,7 +278,7 @@ class SFTDataModule(pl.LightningDataModule):
         for f in files:
             if not Path(f).exists():
                 raise DataError(f"SFT data file {f} does not exist")
-            table = datasets.load_dataset(_builder(Path(f)), data_files=f, split="train")
+            table = datasets.load_dataset(builder_of(Path(f)), data_files=f, split="train")
             for field in (self.response_field, self.prompt_field):
                 if field is not None and field not in table.column_names:
                     raise DataError(f"{f}: no field {field!r} (fields: {', '.join(table.column_names)})")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-from pathlib import Path
 from typing import Any, Literal
 
 import datasets
@@ -43,7 +42,7 @@ from dpo_lightning.data.cache import cached_bpe_tokenizer
 from dpo_lightning.data.chat import PLAIN_TURN, ChatRenderer
 from dpo_lightning.data.formats import FormatName, apply_columns, detect_format, make_parser
 from dpo_lightning.data.sampler import PreferenceSampler, ResumableDataLoader
-from dpo_lightning.data.sources import Source, builder_of
+from dpo_lightning.data.sources import Source
 from dpo_lightning.data.tokenize import BAD_COLUMNS, STAT_COLUMNS, PairCollator, TruncationMode, tokenizer_fingerprint
 from dpo_lightning.errors import ConfigError, DataError
 from dpo_lightning.tokenizer import load_tokenizer
@@ -51,10 +50,6 @@ from dpo_lightning.tokenizer import load_tokenizer
 LOADER_COLUMNS = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "index"]
 # the code that turns records into ids: a change to it retires the tokenized-dataset cache
 CODE_VERSION = Hasher.hash([inspect.getsource(m) for m in (formats, chat, tokenize)])
-
-
-def _builder(path: Path) -> str:  # kept for callers of the old name (sft.py)
-    return builder_of(Path(path))
 
 
 class PreferenceDataModule(pl.LightningDataModule):
