@@ -133,6 +133,18 @@ def build_loggers(run: RunConfig, loss: str, beta: float, settings: dict | None 
     return loggers, run_dir
 
 
+def _unpair_for_unpaired_losses(config) -> None:
+    """KTO trains on unpaired rows: paired data is split (``data.unpair``) unless the data is unpaired already."""
+    from dpo_lightning.losses import SPECS
+
+    loss = config.model.loss
+    names = [loss] if isinstance(loss, str) else list(loss)
+    if not names or not all(name in SPECS and SPECS[name].unpaired for name in names):
+        return
+    if "unpair" in config.data and config.data.format != "unpaired" and not config.data.unpair:
+        config.data.unpair = True
+
+
 def _lightning_cli(argv: list[str] | None) -> int:
     """Run LightningCLI on ``argv`` (``None``: on sys.argv, as a console script does)."""
     from lightning.pytorch.cli import LightningCLI
@@ -149,6 +161,7 @@ def _lightning_cli(argv: list[str] | None) -> int:
             config = self.config[self.subcommand] if self.subcommand else self.config
             if config.model.label_smoothing == "label_noise":  # cDPO's ε follows the data's flip rate
                 config.model.label_smoothing = config.data.label_noise
+            _unpair_for_unpaired_losses(config)
 
         def instantiate_trainer(self, **kwargs):
             config = self.config_init[self.subcommand]

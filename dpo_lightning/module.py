@@ -15,6 +15,7 @@ yet it moves and casts with the module. Under ``trainer.strategy: fsdp`` both mo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import math
 import time
@@ -30,10 +31,11 @@ from torchmetrics import MeanMetric
 from dpo_lightning import reference as ref_store
 from dpo_lightning.errors import ConfigError
 from dpo_lightning.guards import NonFiniteGuard
-from dpo_lightning.logps import Aggregation, response_logps, sequence_logps
-from dpo_lightning.losses import LOSSES, get_loss, loss_params
+from dpo_lightning.logps import IGNORE_INDEX, Aggregation, response_logps, sequence_logps
 from dpo_lightning.models import build_causal_lm
 from dpo_lightning.models import disable_dropout as zero_dropout
+from dpo_lightning.objective import Objective, loss_settings
+from dpo_lightning.reference_sync import ReferenceSync, SyncConfig
 from dpo_lightning.strategy import (
     all_gather_objects,
     enable_activation_checkpointing,
@@ -46,17 +48,6 @@ from dpo_lightning.strategy import (
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-# metric name -> key in the torchmetrics ModuleDict (ModuleDict keys may not contain '/' or '.')
-METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    *(f"shadow/{name}" for name in LOSSES),
-)
 
 
 def _key(metric: str) -> str:
@@ -70,10 +61,21 @@ class PreferenceModule(pl.LightningModule):
         policy_config: dict[str, Any] | None = None,
         reference: str | None = None,
         reference_free: bool = False,
-        loss: str = "dpo",
+        loss: str | list[str] = "dpo",
+        loss_weights: list[float] | None = None,
         beta: float = 0.1,
         label_smoothing: float | Literal["label_noise"] = 0.0,
         shadow_label_smoothing: float = 0.1,
+        simpo_gamma: float | None = None,
+        orpo_lambda: float | None = None,
+        rpo_alpha: float | None = None,
+        dpop_lambda: float | None = None,
+        f_divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] | None = None,
+        f_alpha: float | None = None,
+        desirable_weight: float | None = None,
+        undesirable_weight: float | None = None,
+        loss_params: dict[str, Any] | None = None,
+        reference_sync: SyncConfig | dict[str, Any] | None = None,
         logp_aggregation: Aggregation = "sum",
         disable_dropout: bool = True,
         optimizer: Literal["adamw", "rmsprop"] = "adamw",
@@ -96,12 +98,27 @@ class PreferenceModule(pl.LightningModule):
                 ``{model_type: gpt2, n_layer: 2, n_embd: 128, n_head: 4}``; vocab size comes from the tokenizer.
             reference: a model directory for the reference; ``None`` makes it a frozen copy of the initial policy.
             reference_free: drop the reference (its log-probs are taken as 0), as in reference-free DPO variants.
-            loss: one of the registered losses (``dpo``, ``ipo``, ``cdpo``).
+            loss: a registered loss (README, "Loss variants": ``dpo``, ``ipo``, ``cdpo``, ``simpo``, ``kto``, ...),
+                or a list of them, e.g. ``[dpo, bco_pair, sft]``: the weighted sum of their per-example losses.
+            loss_weights: one weight per loss of the list (default 1.0 each).
             beta: β, the strength of the KL constraint to the reference (τ in the IPO paper).
-            label_smoothing: ε of cDPO, the assumed probability that a preference label is flipped, in [0, 0.5).
-                In a CLI config, ``label_noise`` sets it to ``data.label_noise`` (cDPO told the true flip rate).
-            shadow_label_smoothing: ε used for the ``shadow/cdpo`` metric, so that runs of any loss log a
-                comparable cDPO value (the shadow losses use this run's β).
+            label_smoothing: ε, the assumed probability that a preference label is flipped, in [0, 0.5)
+                (cdpo, rdpo; exo_pair's ε). In a CLI config, ``label_noise`` sets it to ``data.label_noise``.
+            shadow_label_smoothing: ε used for the ``shadow/{cdpo,rdpo,exo_pair}`` metrics, so that runs of any loss
+                log comparable values (the shadow losses use this run's β and other settings).
+            simpo_gamma: SimPO's target margin γ (null: the loss's paper default).
+            orpo_lambda: ORPO's weight λ of the odds-ratio term (null: paper default).
+            rpo_alpha: RPO's weight α of the chosen NLL (null: paper default).
+            dpop_lambda: DPO-Positive's penalty λ (null: paper default).
+            f_divergence: f-DPO's divergence, ``reverse_kl`` (= DPO), ``forward_kl``, ``js`` or ``alpha``.
+            f_alpha: α of the ``alpha`` divergence (null: default).
+            desirable_weight: KTO's λ_D (null: 1.0).
+            undesirable_weight: KTO's λ_U (null: 1.0).
+            loss_params: parameters of losses beyond the ones above (a loss added later), by the name its
+                function declares.
+            reference_sync: TR-DPO (Gorbatovski et al. 2024): update the reference from the policy,
+                ``{mode: soft, alpha: 0.6, every: 512}`` (π_ref ← α·π + (1−α)·π_ref every ``every`` optimizer
+                steps) or ``{mode: hard, every: 512}`` (copy). Saved in checkpoints; not with precompute_reference.
             logp_aggregation: ``sum`` of response-token log-probs (log π(y|x), as in the DPO paper) or their
                 per-token ``mean``.
             disable_dropout: set dropout to 0 in policy and reference, so the policy equals the reference at step 0.
@@ -126,10 +143,10 @@ class PreferenceModule(pl.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
-        try:
-            self.loss_fn = get_loss(loss)
-        except ValueError as err:
-            raise ConfigError(f"model.loss: {err}") from None
+        if isinstance(reference_sync, dict):
+            reference_sync = SyncConfig(**reference_sync)
+        if reference_sync is not None:  # plain values in hparams: checkpoints load with weights_only=True
+            self.hparams["reference_sync"] = dataclasses.asdict(reference_sync)
         if beta <= 0:
             raise ConfigError(f"model.beta must be > 0, got {beta}")
         if label_smoothing == "label_noise":
@@ -143,15 +160,40 @@ class PreferenceModule(pl.LightningModule):
         ):
             if not 0.0 <= eps < 0.5:
                 raise ConfigError(f"model.{key} must be in [0, 0.5), got {eps}")
-        if label_smoothing > 0 and loss != "cdpo":
-            rank_zero_warn(f"model.label_smoothing={label_smoothing} has no effect with loss {loss!r} (cdpo only)")
-        self.loss_name = loss
+        named = dict(simpo_gamma=simpo_gamma, orpo_lambda=orpo_lambda, rpo_alpha=rpo_alpha, dpop_lambda=dpop_lambda)
+        named.update(f_divergence=f_divergence, f_alpha=f_alpha, desirable_weight=desirable_weight)
+        named.update(undesirable_weight=undesirable_weight, label_smoothing=label_smoothing)
+        settings = loss_settings(named, loss_params)
+        self.objective = Objective(
+            loss,
+            loss_weights,
+            beta=beta,
+            settings=settings,
+            shadow_settings={"label_smoothing": shadow_label_smoothing},
+            logp_aggregation=logp_aggregation,
+        )
+        if label_smoothing > 0 and not {"cdpo", "rdpo", "exo_pair"} & set(self.objective.names):
+            rank_zero_warn(
+                f"model.label_smoothing={label_smoothing} has no effect with loss {self.objective.name!r} "
+                "(cdpo, rdpo, exo_pair only)"
+            )
+        self.loss_name = self.objective.name
         self.beta = beta
-        self.loss_kwargs = loss_params(self.loss_fn, {"label_smoothing": label_smoothing})
         self.tokenizer = tokenizer
 
         if precompute_reference and reference_free:
             raise ConfigError("model.precompute_reference needs a reference; it is off with model.reference_free")
+        if reference_sync is not None and (precompute_reference or reference_free):
+            raise ConfigError(
+                "model.reference_sync (TR-DPO) updates the reference during training: it cannot be used with "
+                "model.precompute_reference or model.reference_free"
+            )
+        if reference_sync is not None and not self.objective.needs_reference:
+            raise ConfigError(f"model.reference_sync: loss {self.objective.name!r} uses no reference")
+        # SimPO, ORPO, SFT (and mixtures of them) never read a reference: none is built or run
+        reference_free = reference_free or not self.objective.needs_reference
+        if precompute_reference and reference_free:
+            raise ConfigError(f"model.precompute_reference: loss {self.objective.name!r} uses no reference")
 
         self.policy = build_causal_lm(policy, policy_config, tokenizer)
         # from_pretrained returns eval mode and Lightning keeps submodule modes: train mode, so dropout (when
@@ -177,8 +219,9 @@ class PreferenceModule(pl.LightningModule):
         self._outer_rng: dict[str, torch.Tensor] | None = None
         self._window_step, self._window_sums, self._window_start = -1, None, 0.0  # one optimizer step's batches
 
+        self.metric_names = self.objective.metric_names()
         self.metrics = nn.ModuleDict(
-            {stage: nn.ModuleDict({_key(m): MeanMetric() for m in METRICS}) for stage in ("val", "test")}
+            {stage: nn.ModuleDict({_key(m): MeanMetric() for m in self.metric_names}) for stage in ("val", "test")}
         )
 
     # ------------------------------------------------------------------ the reference, outside the state dict
@@ -207,12 +250,12 @@ class PreferenceModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the step
     def concatenated_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sequence log-probs (2B,) of the chosen-then-rejected rows, in one forward pass."""
-        aggregation = self.hparams.logp_aggregation
+        """Sequence log-prob sums (2B,) of the chosen-then-rejected rows, in one forward pass (``compute_loss``
+        turns them into per-token means where a loss or ``logp_aggregation: mean`` asks)."""
         if self.hparams.get("score_response_only", True):  # the output layer only where a response token is next
-            return response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], aggregation)
+            return response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], "sum")
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
-        logps, _ = sequence_logps(logits, batch["labels"], aggregation)
+        logps, _ = sequence_logps(logits, batch["labels"], "sum")
         return logps
 
     def reference_logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> torch.Tensor:
@@ -226,29 +269,26 @@ class PreferenceModule(pl.LightningModule):
         with torch.no_grad():
             return self.concatenated_logps(self.reference, batch)
 
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (identity on one), for the objective's batch statistics."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+        return tensor
+
     def model_step(
         self, batch: dict[str, torch.Tensor], split: str = "train"
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss (scalar, with grad) and per-example metric values (each (B,), no grad)."""
-        n = batch["index"].shape[0]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]]:
+        """Loss (scalar, with grad) and per-example metric values (each (B,), or (values, weights), no grad)."""
         policy_logps = self.concatenated_logps(self.policy, batch)
         ref_logps = self.reference_logps(batch, split)
-        pc, pr, rc, rr = policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:]
-        losses, chosen_rewards, rejected_rewards = self.loss_fn(pc, pr, rc, rr, beta=self.beta, **self.loss_kwargs)
-        values = {
-            "loss": losses.detach(),
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "logps/chosen": pc.detach(),
-            "logps/rejected": pr.detach(),
-        }
-        detached = (pc.detach(), pr.detach(), rc, rr)
-        smoothing = {"label_smoothing": self.hparams.shadow_label_smoothing}
-        for name, fn in LOSSES.items():
-            values[f"shadow/{name}"] = fn(*detached, beta=self.beta, **loss_params(fn, smoothing))[0]
-        return losses.mean(), values
+        lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # (2B,) response tokens scored per row
+        return self.objective(
+            (policy_logps, ref_logps),
+            lengths,
+            desirable=batch.get("desirable"),
+            training=split == "train",
+            reduce=self._reduce,
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, values = self.model_step(batch)
@@ -256,25 +296,37 @@ class PreferenceModule(pl.LightningModule):
         means = self._global_means(values, n, batch["attention_mask"].sum())
         self.log("train/loss", means.pop("loss"), batch_size=n, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in means.items()}, batch_size=n)
-        self.log("train/acc", means["rewards/accuracies"], batch_size=n, prog_bar=True, logger=False)
+        if "rewards/accuracies" in means:
+            self.log("train/acc", means["rewards/accuracies"], batch_size=n, prog_bar=True, logger=False)
         return loss
 
-    def _global_means(self, values: dict[str, torch.Tensor], n: int, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _global_means(self, values: dict[str, Any], n: int, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Means over every pair of the optimizer step: all ranks' batches (one all-reduce) and all micro-batches
         accumulated so far, so a logged training value does not depend on the number of processes or on
-        gradient accumulation (Lightning logs the last micro-batch of each step)."""
+        gradient accumulation (Lightning logs the last micro-batch of each step). A value given as
+        (values, weights) is a weighted mean (the desirable rows of an unpaired batch, say)."""
         names = list(values)
-        sums = torch.stack([values[k].float().sum() for k in names] + [tokens.float(), tokens.new_tensor(n).float()])
+        pairs = [v if isinstance(v, tuple) else (v, None) for v in values.values()]
+        totals = [(v.float() * w if w is not None else v.float()).sum() for v, w in pairs]
+        counts = [w.float().sum() if w is not None else tokens.new_tensor(n).float() for _, w in pairs]
+        sums = torch.stack([*totals, *counts, tokens.float()])
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         self._window_sums = sums if self._window_sums is None else self._window_sums + sums
-        return {k: self._window_sums[i] / self._window_sums[-1] for i, k in enumerate(names)}
+        k = len(names)
+        return {name: self._window_sums[i] / self._window_sums[k + i].clamp(min=1e-12) for i, name in enumerate(names)}
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         _, values = self.model_step(batch, stage)
         metrics = self.metrics[stage]
         for name, value in values.items():
-            metrics[_key(name)].update(value)
+            value, weight = value if isinstance(value, tuple) else (value, None)
+            if weight is None:
+                metrics[_key(name)].update(value)
+            elif weight.sum() > 0:
+                metrics[_key(name)].update(value, weight)
+            else:
+                continue
             self.log(
                 f"{stage}/{name}",
                 metrics[_key(name)],
@@ -305,7 +357,7 @@ class PreferenceModule(pl.LightningModule):
         set_rng_state(self._outer_rng)
         self._outer_rng = None
         elapsed = time.perf_counter() - self._window_start
-        tokens = float(self._window_sums[-2])  # real (non-pad) tokens of chosen + rejected, all ranks
+        tokens = float(self._window_sums[-1])  # real (non-pad) tokens of chosen + rejected, all ranks
         self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
@@ -351,7 +403,10 @@ class PreferenceModule(pl.LightningModule):
                 shard_model(self.reference, mesh, precision=self.trainer.precision, frozen=True)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [NonFiniteGuard()] if self.hparams.guard_non_finite else []
+        callbacks: list[pl.Callback] = [NonFiniteGuard()] if self.hparams.guard_non_finite else []
+        if self.hparams.get("reference_sync") is not None:
+            callbacks.append(ReferenceSync(self.hparams.reference_sync))
+        return callbacks
 
     # ------------------------------------------------------------------ precomputed reference log-probs
     def _prepare_reference_logps(self, splits: tuple[str, ...]) -> None:
@@ -394,7 +449,10 @@ class PreferenceModule(pl.LightningModule):
             "hf_config": self.policy.config.to_dict(),
             "reference_fingerprint": self.reference_fingerprint,
             "train_rng": all_gather_objects(rng),
+            "objective": self.objective.state_dict(),
         }
+        if self.hparams.get("reference_sync") is not None:  # TR-DPO's reference is trained state: keep it
+            checkpoint["dpo_lightning"]["reference_state"] = ReferenceSync.full_state(self.reference)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
@@ -410,6 +468,10 @@ class PreferenceModule(pl.LightningModule):
                 "checkpoints: resume with the same model.policy/model.reference and, for a model built from "
                 "model.policy_config, the same seed_everything."
             )
+        self.objective.load_state_dict(meta.get("objective") or {})
+        if meta.get("reference_state") is not None and self.reference is not None:
+            # TR-DPO: the reference as it was when the checkpoint was saved (sharded or not; collective)
+            ReferenceSync.load_full_state(self.reference, meta["reference_state"])
         streams = meta.get("train_rng") or []
         rank, world = rank_and_world()
         if streams and streams[0] is not None:

@@ -213,13 +213,18 @@ def prepare_splits(module: Any, splits: list[str]) -> dict[str, ReferenceLogps]:
     dm = module.trainer.datamodule
     if dm is None or not hasattr(dm, "datasets"):
         raise ConfigError("model.precompute_reference needs the PreferenceDataModule (data.*)")
+    if getattr(dm, "unpaired", False):
+        raise ConfigError(
+            "model.precompute_reference: unpaired rows (KTO) need the reference live, for z0 on the mismatched rows "
+            "that depend on which rows share a batch; turn it off"
+        )
     common = {
         "reference": module.reference_fingerprint,
         "tokenizer": tokenizer_fingerprint(dm.tokenizer),
         "max_length": dm.max_length,
         "max_prompt_length": dm.max_prompt_length,
         "truncation_mode": dm.truncation_mode,
-        "logp_aggregation": module.hparams.logp_aggregation,
+        "logps": "sum",  # the store holds sums; compute_loss divides for per-token means
         "precision": str(module.trainer.precision),
     }
     directory = cache_dir(module.hparams.reference_cache_dir)
