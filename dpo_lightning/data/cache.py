@@ -47,9 +47,10 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def training_texts(
-    dataset: datasets.Dataset, columns: tuple[str, ...] = ("prompt", "chosen", "rejected")
+    dataset: datasets.Dataset, columns: tuple[str, ...] = ("prompt", "chosen", "rejected", "completion")
 ) -> Iterator[str]:
-    """The text a tokenizer is trained on: the prompt/chosen/rejected columns, messages included."""
+    """The text a tokenizer is trained on: the prompt/chosen/rejected (unpaired: completion) columns, messages
+    included."""
     for column in columns:
         if column in dataset.column_names:
             for value in dataset[column]:

@@ -1,4 +1,4 @@
-"""PreferenceDataModule: preference data -> tokenized pairs -> audited -> batches of 2B sequences.
+"""PreferenceDataModule: preference data -> tokenized pairs (or unpaired rows) -> audited -> batches of 2B sequences.
 
     dpo-lightning fit --config experiments/tiny_cpu.yaml       # data.* keys are this class's arguments
     dpo-lightning audit --config experiments/tiny_cpu.yaml     # the same checks, as a report (audit.py)
@@ -7,6 +7,23 @@ Data flows one way: records (``sources``: files, folders, hub) -> (prompt, chose
 (``formats``/``chat``) -> token ids with truncation and per-pair statistics (``tokenize``, cached by
 ``datasets``) -> audit thresholds checked at setup (``audit``) -> length-grouped, rank-sharded, resumable
 batches (``sampler``) -> padded concatenated batches (``PairCollator``).
+
+Unpaired data (KTO): ``data.format: unpaired`` rows ``{prompt, completion, label}``, or any paired format with
+``data.unpair: true`` (each pair -> a desirable and an undesirable row), are tokenized into rows
+``{prompt_input_ids, completion_input_ids, label, index, record}`` (``tokenize.tokenize_unpaired_rows``) and
+collated by ``UnpairedCollator``: 2B sequences, the B matched rows, then B mismatched ones (prompt_i +
+completion_{(i+1) mod B}) for KTO's KL reference point. What changes for them:
+
+- ``index`` is a row id unique in the split (the record, or with ``unpair`` 2·record and 2·record + 1), so
+  reference tables and guards keyed by ``batch["index"]`` work; ``record`` is the source record, named by errors.
+- The validation split (``val_fraction``) is drawn by record, so the two rows of one pair never straddle it.
+- ``label_noise`` flips the label of a seeded fraction of training records (with ``unpair``: both rows of the
+  pair, the same noise as swapping chosen and rejected).
+- Length grouping uses prompt + completion; the audit reports prompt/completion lengths, the desirable share
+  and the desirable-minus-undesirable completion length gap; ``max_truncation_rate`` checks the completions.
+- ``identical``: two rows of a pair (``unpair``) that are identical after truncation carry opposite labels for
+  one text; they are counted (in rows) and dropped with ``drop_identical``, as identical pairs are.
+- Train and val must both be paired or both unpaired (``unpair`` makes both unpaired); else a ``DataError``.
 
 Resuming the data order mid-epoch (for exact resume):
 
@@ -27,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import math
 from typing import Any, Literal
 
 import datasets
@@ -34,20 +52,29 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from datasets.fingerprint import Hasher
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from dpo_lightning.data import chat, formats, tokenize
 from dpo_lightning.data.cache import cached_bpe_tokenizer
 from dpo_lightning.data.chat import PLAIN_TURN, ChatRenderer
-from dpo_lightning.data.formats import FormatName, apply_columns, detect_format, make_parser
+from dpo_lightning.data.formats import UNPAIRED, FormatName, apply_columns, detect_format, make_parser
 from dpo_lightning.data.sampler import PreferenceSampler, ResumableDataLoader
 from dpo_lightning.data.sources import Source
-from dpo_lightning.data.tokenize import BAD_COLUMNS, STAT_COLUMNS, PairCollator, TruncationMode, tokenizer_fingerprint
+from dpo_lightning.data.tokenize import (
+    BAD_COLUMNS,
+    STAT_COLUMNS,
+    UNPAIRED_STAT_COLUMNS,
+    PairCollator,
+    TruncationMode,
+    UnpairedCollator,
+    tokenizer_fingerprint,
+)
 from dpo_lightning.errors import ConfigError, DataError
 from dpo_lightning.tokenizer import load_tokenizer
 
 LOADER_COLUMNS = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "index"]
+UNPAIRED_LOADER_COLUMNS = ["prompt_input_ids", "completion_input_ids", "label", "index"]
 # the code that turns records into ids: a change to it retires the tokenized-dataset cache
 CODE_VERSION = Hasher.hash([inspect.getsource(m) for m in (formats, chat, tokenize)])
 
@@ -59,6 +86,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         val_files: str | list[str] | dict[str, Any] | None = None,
         val_fraction: float = 0.05,
         format: FormatName = "auto",
+        unpair: bool = False,
         hub_fallback: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         tokenizer_vocab_size: int = 4096,
@@ -91,7 +119,11 @@ class PreferenceDataModule(pl.LightningDataModule):
             val_files: validation data, same forms; when absent, ``val_fraction`` of the training pairs is held out.
             val_fraction: fraction held out for validation (seeded) when there are no ``val_files``.
             format: ``explicit`` ({prompt, chosen, rejected} strings), ``hh`` (HH-RLHF transcripts), ``chat``
-                (message lists) or ``auto`` (from the column names and types).
+                (message lists), ``unpaired`` ({prompt, completion, label} rows, label true/1 = desirable; for
+                KTO) or ``auto`` (from the column names and types).
+            unpair: split each pair of a paired format into two unpaired rows, (prompt, chosen, desirable) and
+                (prompt, rejected, undesirable), as TRL's ``unpair_preference_dataset`` does (for KTO on paired
+                data); unpaired data is left as it is.
             hub_fallback: ``load_dataset`` kwargs used when the local training files are absent.
             tokenizer: a tokenizer directory (or hub name); ``None`` trains a byte-level BPE on the training text
                 (cached, keyed by the data and the vocabulary size).
@@ -102,15 +134,17 @@ class PreferenceDataModule(pl.LightningDataModule):
             max_rows: read at most this many training records (quick runs); ``None`` reads them all.
             label_noise: fraction of training pairs whose chosen and rejected are swapped (seeded by ``seed``),
                 to study robustness to noisy preferences (the setting cDPO is designed for). Validation is
-                never flipped.
+                never flipped. Unpaired data: the label of that fraction of training records is flipped (with
+                ``unpair``, both rows of the pair: the same as swapping chosen and rejected).
             on_bad_row: ``error`` stops at setup naming file, record and field; ``skip`` drops bad records and
                 counts them by kind (printed at setup, listed with examples by the audit).
-            batch_size: preference pairs per training batch per process (the model sees 2x sequences).
+            batch_size: preference pairs (or unpaired rows) per training batch per process (the model sees 2x
+                sequences).
             eval_batch_size: pairs per validation/test batch; defaults to ``batch_size``.
             num_workers: DataLoader worker processes.
             seed: seed of the validation split and of the training order (with the epoch).
             columns: our names -> the data's, for other column names: ``{prompt: instruction, chosen: better,
-                rejected: worse}``.
+                rejected: worse}``, or for unpaired rows ``{completion: response, label: thumbs_up}``.
             chat_template: for ``chat`` rows: ``None`` uses the tokenizer's chat template when it has one, else
                 the plain ``chat_turn``; ``plain`` always the plain one; any other string is a Jinja template.
             chat_turn: the plain template of one chat turn, with ``{role}`` (capitalised) and ``{content}``.
@@ -145,6 +179,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.val_files = [val_files] if isinstance(val_files, str) else (val_files or None)
         self.val_fraction = val_fraction
         self.format = format
+        self.unpair = bool(unpair)
         self.hub_fallback = hub_fallback
         self.tokenizer_path = tokenizer
         self.tokenizer_vocab_size = tokenizer_vocab_size
@@ -176,7 +211,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.skipped: dict[str, collections.Counter] = {}  # split -> bad kind -> count
         self.bad_rows: dict[str, dict[str, dict[str, Any]]] = {}  # split -> kind -> {count, examples}
         self.rows: dict[str, int] = {}  # split -> records read
-        self.stats: dict[str, dict[str, np.ndarray]] = {}  # split -> STAT_COLUMNS of the good pairs
+        # split -> STAT_COLUMNS of the good pairs (unpaired rows: UNPAIRED_STAT_COLUMNS and label)
+        self.stats: dict[str, dict[str, np.ndarray]] = {}
         self.identical: dict[str, int] = {}  # split -> pairs identical after truncation
         self.formats: dict[str, str] = {}  # split -> format used
         self.from_cache: dict[str, bool] = {}  # split -> tokenized pairs came from the datasets cache
@@ -218,9 +254,36 @@ class PreferenceDataModule(pl.LightningDataModule):
         except ValueError as err:
             raise DataError(f"{source.where(0).split(',')[0]}: {err}") from None
 
+    def _is_unpaired(self, fmt: str) -> bool:
+        return fmt == UNPAIRED or self.unpair
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the splits hold unpaired rows (``data.format: unpaired``, or ``data.unpair``) rather than pairs:
+        then batches come from ``UnpairedCollator``. Reads the training source to tell when the format is auto."""
+        if self.unpair or self.format == UNPAIRED:
+            return True
+        fmt = self.formats.get("train") or self._split_format(self.source("train"))
+        return self._is_unpaired(fmt)
+
+    @property
+    def loader_columns(self) -> list[str]:
+        """The dataset columns the collator reads."""
+        return UNPAIRED_LOADER_COLUMNS if self.unpaired else LOADER_COLUMNS
+
+    def collator(self) -> PairCollator | UnpairedCollator:
+        """The collate function of this data: ``UnpairedCollator`` for unpaired rows (mismatched rows cut at
+        ``max_length`` as rows are), else ``PairCollator``."""
+        if self.unpaired:
+            return UnpairedCollator(
+                self.tokenizer.pad_token_id, self.max_length, self.max_prompt_length, self.truncation_mode
+            )
+        return PairCollator(self.tokenizer.pad_token_id)
+
     def _tokenize_fingerprint(self, raw: datasets.Dataset, fmt: str) -> str:
         """Everything the tokenized pairs depend on: data, tokenizer, settings, and this package's code."""
         settings = [fmt, self.columns, self.max_length, self.max_prompt_length, self.truncation_mode]
+        settings += [self.unpair and fmt != UNPAIRED]
         settings += [self.max_field_chars, self.chat_template if fmt == "chat" else None]
         settings += [self.chat_turn if fmt == "chat" else None]
         return Hasher.hash([raw._fingerprint, tokenizer_fingerprint(self.tokenizer), settings, CODE_VERSION])
@@ -229,18 +292,22 @@ class PreferenceDataModule(pl.LightningDataModule):
         source = self.source(split)
         raw = source.dataset
         fmt = self.formats[split] = self._split_format(source)
+        unpaired = self._is_unpaired(fmt)
         renderer = ChatRenderer(self.tokenizer, self.chat_template, self.chat_turn) if fmt == "chat" else None
         calls = [0]
+        fn_kwargs = {
+            "parse": make_parser(fmt, renderer=renderer, max_chars=self.max_field_chars),
+            "tokenizer": self.tokenizer,
+            "max_length": self.max_length,
+            "max_prompt_length": self.max_prompt_length,
+            "truncation_mode": self.truncation_mode,
+            "calls": calls,
+        }
+        if unpaired:
+            fn_kwargs["unpair"] = fmt != UNPAIRED
         tokenized = raw.map(
-            tokenize.tokenize_rows,
-            fn_kwargs={
-                "parse": make_parser(fmt, renderer=renderer, max_chars=self.max_field_chars),
-                "tokenizer": self.tokenizer,
-                "max_length": self.max_length,
-                "max_prompt_length": self.max_prompt_length,
-                "truncation_mode": self.truncation_mode,
-                "calls": calls,
-            },
+            tokenize.tokenize_unpaired_rows if unpaired else tokenize.tokenize_rows,
+            fn_kwargs=fn_kwargs,
             batched=True,
             with_indices=True,
             remove_columns=raw.column_names,
@@ -256,21 +323,24 @@ class PreferenceDataModule(pl.LightningDataModule):
             summary = ", ".join(f"{k}: {n}" for k, n in self.skipped[split].most_common())
             first = tokenized[bad[0]]
             field = f", field {first['bad_field']!r}" if first["bad_field"] else ""
+            where = source.where(first.get("record", bad[0]))  # unpaired rows name their record
             raise DataError(
-                f"{source.where(bad[0])}{field}: {first['bad_message']}. {len(bad)} bad record(s) in {split} "
+                f"{where}{field}: {first['bad_message']}. {len(bad)} bad record(s) in {split} "
                 f"({summary}). Fix the data, or set data.on_bad_row=skip to skip them with a count."
             )
         if bad:
             tokenized = tokenized.select(sorted(set(range(len(tokenized))) - set(bad)))
         tokenized = tokenized.remove_columns(list(BAD_COLUMNS))
-        self.stats[split] = tokenized.with_format("numpy", columns=list(STAT_COLUMNS))[:]
+        stat_columns = [*UNPAIRED_STAT_COLUMNS, "label"] if unpaired else list(STAT_COLUMNS)
+        self.stats[split] = tokenized.with_format("numpy", columns=stat_columns)[:]
         identical = np.flatnonzero(self.stats[split]["identical"])
         self.identical[split] = len(identical)
         if self.drop_identical and len(identical):
             tokenized = tokenized.select(np.flatnonzero(~self.stats[split]["identical"]))
         if len(tokenized) == 0:
             raise DataError(
-                f"{source.where(0).split(',')[0]}: no usable pairs in {split} ({len(raw)} records, "
+                f"{source.where(0).split(',')[0]}: no usable {'rows' if unpaired else 'pairs'} in {split} "
+                f"({len(raw)} records, "
                 f"{len(bad)} bad, {len(identical)} identical after truncation)"
             )
         return tokenized
@@ -281,15 +351,31 @@ class PreferenceDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         train = self._prepare_split("train", enforce_thresholds)
+        unpaired = self._is_unpaired(self.formats["train"])
         if self.val_files:
-            self.datasets["train"] = train
-            self.datasets["val"] = self._prepare_split("val", enforce_thresholds)
+            val = self._prepare_split("val", enforce_thresholds)
+            if self._is_unpaired(self.formats["val"]) != unpaired:
+                kinds = {s: "unpaired rows" if self._is_unpaired(f) else "pairs" for s, f in self.formats.items()}
+                raise DataError(
+                    f"data.train_files hold {kinds['train']} (format {self.formats['train']}) but data.val_files "
+                    f"hold {kinds['val']} (format {self.formats['val']}); set data.unpair: true to split the pairs "
+                    "into unpaired rows, or give both splits data of one kind"
+                )
+            self.datasets["train"], self.datasets["val"] = train, val
+        elif unpaired:
+            self.datasets["train"], self.datasets["val"] = self._split_by_record(train)
         else:
             split = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
             self.datasets["train"], self.datasets["val"] = split["train"], split["test"]
         self.datasets["test"] = self.datasets["val"]
         if self.label_noise > 0:
-            self.datasets["train"] = self._flip_labels(self.datasets["train"])
+            flip = self._flip_unpaired_labels if unpaired else self._flip_labels
+            self.datasets["train"] = flip(self.datasets["train"])
+        if unpaired and self.batch_size < 2:
+            rank_zero_warn(
+                "data.batch_size 1 with unpaired rows: a batch has no other completion to mismatch with, so the "
+                "KL reference point (KTO's z0) is estimated from each row's own completion; use data.batch_size >= 2"
+            )
         from dpo_lightning.data import audit
 
         self.report = audit.build_report(self)
@@ -313,6 +399,37 @@ class PreferenceDataModule(pl.LightningDataModule):
 
                 write_report(self.report, folder, self.stats.get("train"))
 
+    def _split_by_record(self, data: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """(train, val) of unpaired rows: a seeded ``val_fraction`` of the source records goes to val with all
+        its rows (both rows of a pair split by ``unpair`` land on the same side)."""
+        records = np.asarray(data["record"])
+        unique = np.unique(records)
+        n_val = math.ceil(self.val_fraction * len(unique))
+        if not 0 < n_val < len(unique):
+            raise DataError(
+                f"data.val_fraction {self.val_fraction} of {len(unique)} records leaves {len(unique) - n_val} "
+                f"for training and {n_val} for validation; both need at least one (or give data.val_files)"
+            )
+        order = np.random.default_rng(self.seed).permutation(len(unique))
+        in_val = np.isin(records, unique[order[:n_val]])
+        return data.select(np.flatnonzero(~in_val)), data.select(np.flatnonzero(in_val))
+
+    def _flip_unpaired_labels(self, train: datasets.Dataset) -> datasets.Dataset:
+        """Flip the label of the rows of a seeded ``label_noise`` fraction of the training records (with ``unpair``
+        both rows of a pair: the pair's chosen and rejected swapped, as ``_flip_labels`` does for pairs)."""
+        records = np.unique(np.asarray(train["record"]))
+        n_flip = round(self.label_noise * len(records))
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        flipped = set(records[torch.randperm(len(records), generator=generator)[:n_flip].numpy()].tolist())
+
+        def flip(row: dict[str, Any]) -> dict[str, Any]:
+            if row["record"] in flipped:
+                row["label"] = not row["label"]
+            return row
+
+        rank_zero_info(f"data: label_noise {self.label_noise}: flipped the labels of {n_flip} train records")
+        return train.map(flip, desc="flipping labels")
+
     def _flip_labels(self, train: datasets.Dataset) -> datasets.Dataset:
         """Swap chosen and rejected in a seeded ``label_noise`` fraction of the training pairs."""
         n_flip = round(self.label_noise * len(train))
@@ -331,8 +448,13 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------- loaders
     def pair_lengths(self, split: str = "train") -> np.ndarray:
-        """Per pair, the longest sequence it puts in a batch: prompt + the longer response (tokens)."""
-        cols = self.datasets[split].with_format("numpy", columns=["prompt_len", "chosen_len", "rejected_len"])[:]
+        """Per pair, the longest sequence it puts in a batch: prompt + the longer response (tokens). Per unpaired
+        row: prompt + completion (its matched row; its mismatched row depends on the batch)."""
+        dataset = self.datasets[split]
+        if "completion_len" in dataset.column_names:
+            cols = dataset.with_format("numpy", columns=["prompt_len", "completion_len"])[:]
+            return cols["prompt_len"] + cols["completion_len"]
+        cols = dataset.with_format("numpy", columns=["prompt_len", "chosen_len", "rejected_len"])[:]
         return cols["prompt_len"] + np.maximum(cols["chosen_len"], cols["rejected_len"])
 
     def data_parallel(self) -> tuple[int, int]:
@@ -359,9 +481,9 @@ class PreferenceDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         num_replicas, rank = self.data_parallel()
         loader = ResumableDataLoader(
-            self.datasets["train"].select_columns(LOADER_COLUMNS).with_format(None),
+            self.datasets["train"].select_columns(self.loader_columns).with_format(None),
             sampler=self.train_sampler(num_replicas=num_replicas, rank=rank),
-            collate_fn=PairCollator(self.tokenizer.pad_token_id),
+            collate_fn=self.collator(),
             num_workers=self.num_workers,
         )
         if self._order_state is not None:
@@ -372,10 +494,10 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
-            self.datasets[split].select_columns(LOADER_COLUMNS).with_format(None),
+            self.datasets[split].select_columns(self.loader_columns).with_format(None),
             batch_size=self.eval_batch_size,
             shuffle=False,
-            collate_fn=PairCollator(self.tokenizer.pad_token_id),
+            collate_fn=self.collator(),
             num_workers=self.num_workers,
         )
 

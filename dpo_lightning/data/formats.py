@@ -1,4 +1,5 @@
-"""Row formats: turn one raw record into a (prompt, chosen, rejected) triple of strings, or say why not.
+"""Row formats: turn one raw record into a (prompt, chosen, rejected) triple of strings, or a (prompt, completion,
+label) row of unpaired data, or say why not.
 
 Formats (``data.format``; ``auto`` picks one from the column names and types, see ``detect_format``):
 
@@ -9,25 +10,33 @@ Formats (``data.format``; ``auto`` picks one from the column names and types, se
   turn and the pair is not a preference over one prompt).
 - ``chat``: conversational rows, ``chosen``/``rejected`` lists of ``{role, content}`` messages and ``prompt`` a
   message list, a string, or absent (UltraFeedback-binarized style); rendered to text by ``chat.ChatRenderer``.
+- ``unpaired``: ``{prompt, completion, label}`` rows of unpaired preference data (KTO): ``completion`` a string,
+  ``label`` a JSON boolean or the number 0/1 (true/1 = desirable). Paired data of the other formats is split into
+  such rows by ``data.unpair`` (one desirable row per chosen, one undesirable per rejected).
 
 Any other column names are mapped onto these with ``data.columns`` (``{prompt: instruction, chosen: better,
-rejected: worse}``), applied by ``apply_columns`` before the format is detected.
+rejected: worse}``, or ``{completion: response, label: thumbs_up}``), applied by ``apply_columns`` before the
+format is detected.
 
-A record that cannot become a pair raises ``BadRow`` with a stable ``kind`` (counted by the audit), the
-``field`` at fault and a message. Problems found while reading a file (malformed JSON, bytes that are not
+A record that cannot become a pair (or an unpaired row) raises ``BadRow`` with a stable ``kind`` (counted by the
+audit), the ``field`` at fault and a message. Problems found while reading a file (malformed JSON, bytes that are not
 UTF-8) arrive here as a ``LOAD_ERROR`` column set by ``sources`` so that they are counted the same way.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import datasets
 
-FormatName = Literal["auto", "explicit", "hh", "chat"]
-Parser = Callable[[Mapping[str, Any]], tuple[str, str, str]]
-FIELDS = ("prompt", "chosen", "rejected")
+FormatName = Literal["auto", "explicit", "hh", "chat", "unpaired"]
+Parser = Callable[[Mapping[str, Any]], tuple[Any, ...]]  # (prompt, chosen, rejected) or (prompt, completion, label)
+PAIRED_FIELDS = ("prompt", "chosen", "rejected")
+UNPAIRED_FIELDS = ("prompt", "completion", "label")
+FIELDS = (*PAIRED_FIELDS, "completion", "label")  # the names data.columns may map onto
+UNPAIRED = "unpaired"
 HH_ASSISTANT = "\n\nAssistant:"
 LOAD_ERROR = "_load_error"  # "kind\tfield\tmessage" for records that could not be read (see sources.py)
 
@@ -121,7 +130,37 @@ def parse_hh(row: Mapping[str, Any], max_chars: int | None = None) -> tuple[str,
     return prompt, chosen, rejected
 
 
-PARSERS: dict[str, Parser] = {"explicit": parse_explicit, "hh": parse_hh}
+def label_field(row: Mapping[str, Any], field: str = "label") -> bool:
+    """``row[field]`` as a bool: a JSON boolean, or the number 0 or 1 (true/1 = desirable); else ``BadRow``.
+
+    Numbers are compared by value because a column of 0/1 that also holds one 0.5 is read as floats (1.0, 0.0).
+    Strings ("true", "yes") are refused: their meaning is a guess. (In a JSON column whose records mix types,
+    ``datasets`` itself decodes the strings "true"/"1" to true/1 before they get here.)
+    """
+    if field not in row or row[field] is None:
+        raise BadRow("missing_field", field, f"field {field!r} is missing or null")
+    value = row[field]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Real) and value in (0, 1):
+        return bool(value)
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise BadRow(
+        "bad_label",
+        field,
+        f"field {field!r} should be true/false or 1/0 (desirable/undesirable), got {type(value).__name__} {shown}",
+    )
+
+
+def parse_unpaired(row: Mapping[str, Any], max_chars: int | None = None) -> tuple[str, str, bool]:
+    """``{prompt, completion, label}`` -> (prompt, completion, desirable). The prompt may be empty."""
+    check_load_error(row)
+    prompt = string_field(row, "prompt", allow_empty=True, max_chars=max_chars)
+    completion = string_field(row, "completion", max_chars=max_chars)
+    return prompt, completion, label_field(row)
+
+
+PARSERS: dict[str, Parser] = {"explicit": parse_explicit, "hh": parse_hh, UNPAIRED: parse_unpaired}
 
 
 def make_parser(fmt: str, *, renderer: Any = None, max_chars: int | None = None) -> Parser:
@@ -146,22 +185,33 @@ def detect_format(columns: list[str], features: datasets.Features | None = None)
     """Pick the format from a dataset's columns (and their types), or raise ``ValueError`` saying what was expected.
 
     Message lists in ``chosen`` mean ``chat``; strings with a ``prompt`` column mean ``explicit``, without one
-    ``hh``. Columns whose types vary from record to record (``datasets`` reads them as JSON) count as strings.
+    ``hh``; ``{prompt, completion, label}`` means ``unpaired`` (columns of both kinds: ambiguous, an error).
+    Columns whose types vary from record to record (``datasets`` reads them as JSON) count as strings.
     """
     cols = set(columns) - {LOAD_ERROR}
-    if {"chosen", "rejected"} <= cols:
+    paired, unpaired = {"chosen", "rejected"} <= cols, set(UNPAIRED_FIELDS) <= cols
+    if paired and unpaired:
+        raise ValueError(
+            f"columns {sorted(cols)} hold both a pair (chosen, rejected) and an unpaired row (prompt, completion, "
+            "label); set data.format (explicit, hh, chat or unpaired) to say which"
+        )
+    if unpaired:
+        return UNPAIRED
+    if paired:
         if features is not None and _is_list(features.get("chosen")):
             return "chat"
         return "explicit" if "prompt" in cols else "hh"
     raise ValueError(
         f"cannot tell the data format from columns {sorted(cols)}: expected {{prompt, chosen, rejected}} "
-        "(explicit, or chat when they hold message lists) or {chosen, rejected} (HH transcripts); map other "
-        "names with data.columns, e.g. {prompt: instruction, chosen: better, rejected: worse}"
+        "(explicit, or chat when they hold message lists), {chosen, rejected} (HH transcripts) or {prompt, "
+        "completion, label} (unpaired); map other names with data.columns, e.g. {prompt: instruction, chosen: "
+        "better, rejected: worse} or {completion: response, label: thumbs_up}"
     )
 
 
 def apply_columns(dataset: datasets.Dataset, columns: Mapping[str, str] | None, where: str) -> datasets.Dataset:
-    """Rename the user's columns to ``prompt``/``chosen``/``rejected`` (``columns`` maps ours -> theirs).
+    """Rename the user's columns to ``prompt``/``chosen``/``rejected`` or ``prompt``/``completion``/``label``
+    (``columns`` maps ours -> theirs).
 
     Other columns that would clash with the new names are dropped first; a mapped column that does not exist is
     an error naming the columns there are.

@@ -179,3 +179,31 @@ def padding_fraction(
         real += sum(2 * prompt_len[i] + chosen_len[i] + rejected_len[i] for i in batch)
         slots += 2 * len(batch) * width
     return 1.0 - real / slots if slots else 0.0
+
+
+def unpaired_padding_fraction(
+    prompt_len: Sequence[int],
+    completion_len: Sequence[int],
+    batches: list[list[int]],
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> float:
+    """Fraction of the token slots of ``UnpairedCollator``'s (2B, T) batches that are padding: row i is prompt_i
+    + completion_i, row B + i prompt_i + completion_{(i+1) mod B}, cut as the collator cuts it when ``max_length``
+    is given."""
+
+    def mismatched(p: int, c: int) -> int:
+        if max_length is None or p + c <= max_length:
+            return p + c
+        if max_prompt_length is not None and p > max_prompt_length:
+            p = max_prompt_length
+        return p + min(c, max_length - p)
+
+    real = slots = 0
+    for batch in batches:
+        n = len(batch)
+        rows = [prompt_len[i] + completion_len[i] for i in batch]
+        rows += [mismatched(prompt_len[batch[k]], completion_len[batch[(k + 1) % n]]) for k in range(n)]
+        real += sum(rows)
+        slots += len(rows) * max(rows)
+    return 1.0 - real / slots if slots else 0.0
