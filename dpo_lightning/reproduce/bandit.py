@@ -15,6 +15,8 @@ Claim groups (each function returns ``list[Claim]``):
    IPO → σ(1/(2τ)); and DPO's margin never stops growing.
 4. :func:`per_pair_optimum_claims` — Mitchell 2023 (cDPO note): β h* = log((1−ε)/ε), loss there = H(ε);
    IPO's h* = 1/(2β).
+5. The rest of the loss family (hinge, sppo_hard, rdpo, exo_pair, simpo, fdpo, sigmoid_norm, nca_pair, bco_pair,
+   sft): one group per loss with a closed-form optimum, in :mod:`dpo_lightning.reproduce.bandit_family`.
 
 Groups 2 and 3 share one Adam run (:func:`train_bandits`) in which every replica is a row of one tensor.
 """
@@ -424,6 +426,10 @@ def run_part1(
         group(f"IPO vs DPO on D1, Adam {SGD['steps']} steps, run with the next (Azar et al. §5.4)", d1)
         group("two actions, deterministic preference (Azar et al. §5.3.1)", lambda: two_action_claims(*runs[1]))
         group("per-pair optima of cDPO and IPO (Mitchell 2023)", per_pair_optimum_claims)
+        from dpo_lightning.reproduce.bandit_family import FAMILY_GROUPS, family_markdown  # imports this module
+
+        for title, claims_of in FAMILY_GROUPS:
+            group(title, lambda claims_of=claims_of: claims_of(seed))
     (s_d1, th_d1), (s_two, th_two) = runs
     figures = [
         plot_d1(s_d1, th_d1, out_dir / "bandit_d1_trajectories.png"),
@@ -445,5 +451,5 @@ def run_part1(
   `population_optimum` rows); the largest standard deviation of a final IPO probability across seeds is
   {float(ipo_std):.4f}.
 - **Per-pair optima**: L-BFGS over the scalar margin h for β ∈ {list(BETAS)}.
-"""
+{family_markdown(seed)}"""
     return claims, {"figures": [str(f.relative_to(out_dir)) for f in figures], "markdown": markdown}
