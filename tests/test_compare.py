@@ -10,7 +10,7 @@ import pytest
 
 from dpo_lightning.compare import LOSS_COLOURS, _styles, find_runs, main, read_metrics_csv
 
-from conftest import ROOT
+from helpers import ROOT
 
 FAKE = ROOT / "tests" / "fixtures" / "sweep_fake_trial.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -5,28 +5,18 @@ import json
 
 import pytest
 
-from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.formats import BadRow, parse_hh
 from dpo_lightning.data.tokenize import PairCollator, truncate_pair
 from dpo_lightning.errors import DataError
 from dpo_lightning.logps import IGNORE_INDEX
 
-from conftest import HH_TEST, write_jsonl
+from helpers import HH_TEST, make_datamodule, write_jsonl
 
 GOOD = {"prompt": "Q: hi?", "chosen": " yes", "rejected": " no"}
 
 
 def _dm(path, tokenizer, **kwargs):
-    dm = PreferenceDataModule(
-        str(path),
-        format=kwargs.pop("format", "explicit"),
-        max_length=64,
-        max_prompt_length=32,
-        val_fraction=0.5,
-        **kwargs,
-    )
-    dm._tokenizer = tokenizer
-    return dm
+    return make_datamodule(path, tokenizer, **{"val_fraction": 0.5, **kwargs})
 
 
 def test_hh_split_multi_turn():
@@ -89,16 +79,8 @@ def test_real_hh_file_bad_rows_are_found_and_counted(tiny_tokenizer):
     """The shared HH harmless-base test split has 8 malformed pairs (4 with an empty final assistant turn,
     4 whose transcripts diverge before the last assistant turn); counted, not silently dropped. (Pairs that
     become identical after truncation are kept here, so that every good record is accounted for.)"""
-    dm = PreferenceDataModule(
-        str(HH_TEST),
-        format="hh",
-        max_length=128,
-        max_prompt_length=64,
-        on_bad_row="skip",
-        max_rows=None,
-        drop_identical=False,
-    )
-    dm._tokenizer = tiny_tokenizer
+    dm = make_datamodule(HH_TEST, tiny_tokenizer, format="hh", max_length=128, max_prompt_length=64,
+                         val_fraction=0.05, on_bad_row="skip", max_rows=None, drop_identical=False)  # fmt: skip
     dm.setup()
     assert dm.skipped["train"] == {"empty_response": 4, "hh_prompt_mismatch": 4}
     with gzip.open(HH_TEST, "rt") as f:

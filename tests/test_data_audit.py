@@ -5,7 +5,6 @@ import json
 import pytest
 import yaml
 
-from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data import cache as data_cache
 from dpo_lightning.data import tokenize as data_tokenize
 from dpo_lightning.data.audit import main as audit_main
@@ -13,26 +12,51 @@ from dpo_lightning.data.tokenize import tokenizer_fingerprint
 from dpo_lightning.errors import DataError
 from dpo_lightning.tokenizer import train_bpe_tokenizer
 
-from conftest import ROOT, synthetic_pairs, write_jsonl
+from helpers import ROOT, make_datamodule, synthetic_pairs, write_jsonl
 
-
-def _dm(path, tokenizer=None, **kwargs) -> PreferenceDataModule:
-    kwargs = {"format": "explicit", "max_length": 64, "max_prompt_length": 32, "val_fraction": 0.25, **kwargs}
-    dm = PreferenceDataModule(str(path), **kwargs)
-    if tokenizer is not None:
-        dm._tokenizer = tokenizer
-    return dm
+_dm = make_datamodule  # explicit format, max_length 64, max_prompt_length 32, val_fraction 0.25
 
 
 def _never(*args, **kwargs):
     raise AssertionError("called although the result is cached")
 
 
+def test_caches_live_in_this_sessions_folder():
+    """The suite is hermetic (conftest.py): the tokenized-pair and tokenizer caches (under datasets'
+    HF_DATASETS_CACHE), the reference store and HOME are all inside this session's fresh folder, never ~/.cache."""
+    from pathlib import Path
+
+    import datasets
+
+    from dpo_lightning.reference import cache_dir as reference_cache_dir
+
+    from conftest import SESSION_ROOT
+
+    for path in (
+        data_cache.cache_dir(),
+        Path(datasets.config.HF_DATASETS_CACHE),
+        reference_cache_dir(None),
+        Path.home(),
+    ):
+        assert Path(path).resolve().is_relative_to(SESSION_ROOT.resolve()), path
+
+
 def test_second_load_hits_the_cache_and_any_change_retokenizes(tmp_path, tiny_tokenizer, monkeypatch):
+    """First load: a miss (the tokenizing map runs); second: a hit (it must not run); any change of data,
+    tokenizer or setting: a miss again."""
+    calls = []
+    real = data_tokenize.tokenize_rows
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
     path = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(40))
-    first = _dm(path, tiny_tokenizer)
-    first.setup()
-    assert first.from_cache == {"train": False}
+    with monkeypatch.context() as patch:
+        patch.setattr(data_tokenize, "tokenize_rows", counting)
+        first = _dm(path, tiny_tokenizer)
+        first.setup()
+    assert first.from_cache == {"train": False} and calls, "the first load did not tokenize"
     with monkeypatch.context() as patch:
         patch.setattr(data_tokenize, "tokenize_rows", _never)  # the map must not run again
         second = _dm(path, tiny_tokenizer)
@@ -54,17 +78,32 @@ def test_second_load_hits_the_cache_and_any_change_retokenizes(tmp_path, tiny_to
 
 
 def test_trained_tokenizer_is_cached_by_data_and_vocab(tmp_path, monkeypatch):
+    """First load trains the BPE (a miss), the second loads it from the cache (a hit), another vocabulary size
+    trains again."""
+    trained = []
+    real = data_cache.train_bpe_tokenizer
+
+    def counting(*args, **kwargs):
+        trained.append(1)
+        return real(*args, **kwargs)
+
     path = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(60))
-    first = _dm(path, tokenizer_vocab_size=320)
-    first.setup()
+    with monkeypatch.context() as patch:
+        patch.setattr(data_cache, "train_bpe_tokenizer", counting)
+        first = _dm(path, tokenizer_vocab_size=320)
+        first.setup()
+    assert trained == [1] and first.from_cache == {"train": False}
     with monkeypatch.context() as patch:
         patch.setattr(data_cache, "train_bpe_tokenizer", _never)
         second = _dm(path, tokenizer_vocab_size=320)
         second.setup()
     assert tokenizer_fingerprint(second.tokenizer) == tokenizer_fingerprint(first.tokenizer)
     assert second.from_cache == {"train": True}
-    other = _dm(path, tokenizer_vocab_size=300)
-    assert tokenizer_fingerprint(other.tokenizer) != tokenizer_fingerprint(first.tokenizer)
+    with monkeypatch.context() as patch:
+        patch.setattr(data_cache, "train_bpe_tokenizer", counting)
+        other = _dm(path, tokenizer_vocab_size=300)
+        assert tokenizer_fingerprint(other.tokenizer) != tokenizer_fingerprint(first.tokenizer)
+    assert trained == [1, 1]
 
 
 def test_truncation_threshold_fails_setup_fast(tmp_path, tiny_tokenizer):
@@ -119,13 +158,38 @@ def test_audit_reports_bad_records_that_would_stop_fit(tmp_path, capsys):
     assert "1 bad train records stop fit (data.on_bad_row: error)" in out
 
 
+def test_padding_is_what_the_collated_batches_carry(tmp_path, tiny_tokenizer):
+    """The audit's padding fractions are measured on the real thing: collate each training batch of the
+    length-grouped and of the random order (PairCollator, the training collate) and count the attention mask's
+    zeros over all slots. Grouping must cut the padding."""
+    from dpo_lightning.data.audit import build_report
+    from dpo_lightning.data.tokenize import PairCollator
+
+    rows = synthetic_pairs(200) + [dict(r, chosen=r["chosen"] * 6) for r in synthetic_pairs(40, seed=3)]
+    dm = _dm(write_jsonl(tmp_path / "p.jsonl", rows), tiny_tokenizer, max_length=128, batch_size=8)
+    dm.setup()
+    report = build_report(dm)
+    collate = PairCollator(tiny_tokenizer.pad_token_id)
+    train = dm.datasets["train"]
+    for name, grouped in (("grouped", True), ("random", False)):
+        pads = slots = 0
+        for batch in dm.train_sampler(group_by_length=grouped).batches(0):
+            mask = collate([dict(train[i]) for i in batch])["attention_mask"]
+            pads, slots = pads + int((mask == 0).sum()), slots + mask.numel()
+        assert report["padding"][name] == pytest.approx(pads / slots, abs=5e-5), name
+    assert report["padding"]["grouped"] < report["padding"]["random"] / 2
+
+
 def test_audit_of_the_tiny_config_on_hh(tmp_path, capsys):
-    """The acceptance check: the audit of experiments/tiny_cpu.yaml on the shared HH data."""
+    """The acceptance check: the audit of experiments/tiny_cpu.yaml on the shared HH data, with the README's
+    figures: 8 bad records of 2,312, and batch padding 33.3% in random order vs 10.0% grouped by length."""
     code = audit_main(["--config", str(ROOT / "experiments" / "tiny_cpu.yaml"), "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "data_audit.json").read_text())
     train = report["splits"]["train"]
     assert train["records"] == 2312 and train["bad_records"] == 8
     assert set(train["bad_by_kind"]) == {"empty_response", "hh_prompt_mismatch"}
-    assert report["padding"]["grouped"] < report["padding"]["random"]
-    assert "hh_prompt_mismatch: 4" in capsys.readouterr().out
+    assert report["padding"]["random"] == pytest.approx(0.333, abs=5e-4)
+    assert report["padding"]["grouped"] == pytest.approx(0.100, abs=5e-4)
+    out = capsys.readouterr().out
+    assert "hh_prompt_mismatch: 4" in out and "10.0% grouped by length" in out and "33.3%" in out

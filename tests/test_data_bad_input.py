@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.errors import DataError
 
 from fixtures.data_cases import chat_rows, explicit_rows, hh_rows
+from helpers import make_datamodule
 
 BAD_AT = 2  # the bad record's position: record 2 of 5 (line 3)
 
@@ -74,10 +74,8 @@ def _write(tmp_path, case) -> tuple:
     return path, fmt, kind, field
 
 
-def _dm(path, tokenizer, **kwargs) -> PreferenceDataModule:
-    dm = PreferenceDataModule(str(path), max_length=64, max_prompt_length=32, val_fraction=0.25, **kwargs)
-    dm._tokenizer = tokenizer
-    return dm
+def _dm(path, tokenizer, **kwargs):
+    return make_datamodule(path, tokenizer, **{"format": "auto", **kwargs})
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

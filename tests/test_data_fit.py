@@ -1,13 +1,13 @@
-"""Every format trains through `dpo-lightning fit` (a subprocess, as a user runs it), and bad data fails cleanly."""
+"""Every format trains through `dpo-lightning fit` (cli.main in this process: the command's code, without a fresh
+interpreter each time; test_cli.py runs fit as a subprocess once), and bad data fails cleanly."""
 
 import csv
 import json
 
 import pytest
 
-from conftest import write_jsonl
 from fixtures.data_cases import chat_rows, explicit_rows, hh_rows, mapped_rows
-from test_cli import run_cli
+from helpers import cli_main, write_jsonl
 
 FORMATS = {
     "explicit": (explicit_rows, []),
@@ -18,7 +18,7 @@ FORMATS = {
 
 
 def _fit(tmp_path, data_file, *extra: str):
-    return run_cli(
+    return cli_main(
         "fit",
         "--config",
         "experiments/tiny_cpu.yaml",

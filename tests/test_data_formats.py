@@ -9,13 +9,11 @@ from tokenizers import ByteLevelBPETokenizer
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
-from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.chat import ChatRenderer, parse_chat, split_conversation
 from dpo_lightning.data.formats import make_parser, parse_hh
 from dpo_lightning.data.tokenize import PairCollator
 from dpo_lightning.logps import IGNORE_INDEX
 
-from conftest import HH_TEST, SHARED_DATA, synthetic_pairs, write_jsonl
 from fixtures.data_cases import (
     MAPPING,
     ZEPHYR_TEMPLATE,
@@ -25,6 +23,7 @@ from fixtures.data_cases import (
     hh_rows,
     mapped_rows,
 )
+from helpers import HH_TEST, SHARED_DATA, make_datamodule, synthetic_pairs, write_jsonl
 
 CASES = {
     "explicit": (explicit_rows, None),
@@ -36,12 +35,8 @@ CASES = {
 DETECTED = {"explicit": "explicit", "hh": "hh", "chat": "chat", "chat_no_prompt": "chat", "mapped": "explicit"}
 
 
-def _dm(path, tok, **kwargs) -> PreferenceDataModule:
-    kwargs = {"max_length": 256, "max_prompt_length": 128, "val_fraction": 0.25, **kwargs}
-    dm = PreferenceDataModule(str(path) if not isinstance(path, dict) else path, **kwargs)
-    if tok is not None:
-        dm._tokenizer = tok
-    return dm
+def _dm(path, tok, **kwargs):
+    return make_datamodule(path, tok, **{"format": "auto", "max_length": 256, "max_prompt_length": 128, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +129,7 @@ def test_boundary_real_hh_sample_with_gpt2_tokenizer():
 
     tokenizer = load_tokenizer(str(SHARED_DATA / "tokenizers" / "gpt2"))
     gpt2 = str(SHARED_DATA / "tokenizers" / "gpt2")
-    dm = _dm(HH_TEST, None, format="hh", tokenizer=gpt2, max_rows=48, max_length=4096, max_prompt_length=2048)
+    dm = _dm(HH_TEST, gpt2, format="hh", max_rows=48, max_length=4096, max_prompt_length=2048)
     dm.setup()
     assert sum(dm.report["splits"]["train"]["truncation_rate"].values()) == 0
     _check_boundaries(dm, tokenizer)

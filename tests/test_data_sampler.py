@@ -8,8 +8,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.sampler import PreferenceSampler, padding_fraction
+
+from helpers import make_datamodule, quiet_trainer
 
 
 def _lengths(n: int, seed: int = 0) -> list[int]:
@@ -84,19 +85,8 @@ def test_padding_fraction_by_hand():
 
 
 # ---------------------------------------------------------------- resume, without and with Lightning
-def _dm(pairs_file, tokenizer, **kwargs) -> PreferenceDataModule:
-    dm = PreferenceDataModule(
-        str(pairs_file),
-        format="explicit",
-        max_length=64,
-        max_prompt_length=32,
-        batch_size=8,
-        val_fraction=0.25,
-        **kwargs,
-    )
-    dm._tokenizer = tokenizer
-    dm.setup()
-    return dm
+def _dm(pairs_file, tokenizer, **kwargs):
+    return make_datamodule(pairs_file, tokenizer, setup=True, **{"batch_size": 8, **kwargs})
 
 
 def _epoch(loader, epoch: int) -> list[list[int]]:
@@ -162,18 +152,7 @@ def _fit(tmp_path, pairs_file, tokenizer, ckpt_path=None, every=0) -> list[list[
     callbacks = []
     if every:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=every, save_top_k=-1))
-    trainer = pl.Trainer(
-        max_steps=22,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=bool(every),
-        callbacks=callbacks,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=22, enable_checkpointing=bool(every), callbacks=callbacks, limit_val_batches=0)
     module = _Recorder()
     trainer.fit(module, datamodule=_dm(pairs_file, tokenizer), ckpt_path=ckpt_path)
     return module.seen

@@ -3,35 +3,14 @@ loads, holding exactly the trained policy, from a sharded (FSDP) and from a sing
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from test_strategy import fsdp_run, make_assets, single_run
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from dpo_lightning.errors import UserError
-from dpo_lightning.export import load_checkpoint, main
+from dpo_lightning.export import main
 
-
-@pytest.fixture
-def assets(tmp_path_factory, tiny_tokenizer) -> Path:
-    return make_assets(tmp_path_factory.getbasetemp() / "scale_assets", tiny_tokenizer)
-
-
-def _assert_exported(ckpt: Path, out: Path, tokenizer_source: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(out)
-    trained, _ = load_checkpoint(ckpt)
-    state = model.state_dict()
-    assert set(trained) <= set(state)
-    for key, value in trained.items():
-        assert torch.equal(state[key], value), key
-    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tokenizer_source).get_vocab()
-    batch = tokenizer(["Review 3: The film was great."], return_tensors="pt")
-    assert torch.isfinite(model(**batch).logits).all()
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+from helpers import assert_exported, cli_main, fsdp_run, single_run
 
 
 @pytest.mark.parametrize("which", ["sharded", "single_file"])
@@ -43,14 +22,18 @@ def test_export_round_trip(assets, tmp_path, which, capsys):
     assert ckpt.is_dir() == (which == "sharded")
     assert main([str(ckpt), str(tmp_path / "hf")]) == 0
     assert "exported the policy" in capsys.readouterr().out
-    _assert_exported(ckpt, tmp_path / "hf", run / "tokenizer")
+    assert_exported(ckpt, tmp_path / "hf", run / "tokenizer")
 
 
-def test_export_to_bfloat16(assets, tmp_path):
-    ckpt = single_run(assets) / "checkpoints" / "last.ckpt"
-    main([str(ckpt), str(tmp_path / "bf16"), "--dtype", "bfloat16"])
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
-    assert model.dtype == torch.bfloat16
+def test_export_to_bfloat16(assets, tmp_path, capsys):
+    """``--dtype bfloat16``: exit status 0, and the saved weights are the trained fp32 weights cast to bf16 (every
+    tensor, tied output layer and tokenizer included), loading back as bf16 without a dtype argument."""
+    run = single_run(assets)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert main([str(ckpt), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert "exported the policy" in capsys.readouterr().out
+    assert_exported(ckpt, tmp_path / "bf16", run / "tokenizer", dtype=torch.bfloat16)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(
@@ -81,8 +64,12 @@ def test_export_other_architectures(config, tiny_tokenizer, tmp_path):
 
 
 def test_export_errors_are_clear(tmp_path):
+    """export's own errors are UserErrors; through the command they are one line and exit status 2."""
     with pytest.raises(UserError, match="no such checkpoint"):
         main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out")])
     torch.save({"state_dict": {"reference.w": torch.zeros(1)}}, tmp_path / "bad.ckpt")
     with pytest.raises(UserError, match="holds no policy weights"):
         main([str(tmp_path / "bad.ckpt"), str(tmp_path / "out")])
+    result = cli_main("export", str(tmp_path / "bad.ckpt"), str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.startswith("dpo-lightning: error: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and "holds no policy weights" in result.stderr

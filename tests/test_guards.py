@@ -11,16 +11,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from test_strategy import DDP, cli_env, fit_args, make_assets
 
 from dpo_lightning.guards import NonFiniteError
 
-from conftest import ROOT
-
-
-@pytest.fixture
-def assets(tmp_path_factory, tiny_tokenizer) -> Path:
-    return make_assets(tmp_path_factory.getbasetemp() / "scale_assets", tiny_tokenizer)
+from helpers import DDP, QUIET_TRAINER, ROOT, cli_env, cli_main, fit_args, fit_argv, make_datamodule
 
 
 class Poison(pl.Callback):
@@ -44,30 +38,19 @@ class Poison(pl.Callback):
 
 def _trainer(root: Path, *callbacks: pl.Callback, max_steps: int = 6) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu",
+        **{**QUIET_TRAINER, "enable_checkpointing": True},
         max_steps=max_steps,
         limit_val_batches=0,
-        logger=False,
         callbacks=[pl.callbacks.ModelCheckpoint(root, save_last=True, save_top_k=0, every_n_train_steps=1), *callbacks],
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
 
 
 def _setup(assets: Path):
-    from dpo_lightning.data import PreferenceDataModule
     from dpo_lightning.module import PreferenceModule
 
     pl.seed_everything(0)
-    dm = PreferenceDataModule(
-        str(assets / "train.jsonl"),
-        val_files=str(assets / "val.jsonl"),
-        format="explicit",
-        tokenizer=str(assets / "tokenizer"),
-        max_length=64,
-        max_prompt_length=32,
-        batch_size=8,
-    )
+    dm = make_datamodule(assets / "train.jsonl", assets / "tokenizer", val_files=str(assets / "val.jsonl"),
+                         batch_size=8)  # fmt: skip
     return dm, PreferenceModule(policy=str(assets / "policy"), tokenizer=dm.tokenizer, lr=1e-3, warmup_steps=0)
 
 
@@ -94,6 +77,20 @@ def test_non_finite_weights_are_never_saved(assets, tmp_path):
     with pytest.raises(NonFiniteError, match="non-finite weight .* refusing to save a checkpoint"):
         trainer.save_checkpoint(tmp_path / "bad.ckpt")
     assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_cli_prints_one_line_and_exits_2(assets, tmp_path):
+    """Through the command (one process, in this process): an absurd learning rate blows the weights up after the
+    first step; fit stops with exit status 2 and one line naming the step and rows, no traceback, and the last
+    checkpoint is the last good one (step 1). The 2-process version below (make test-full) adds that both DDP
+    ranks stop together."""
+    result = cli_main(*fit_argv(assets, tmp_path / "run", "--model.lr", "1e30", "--model.warmup_steps", "0"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dpo-lightning: error:")]
+    assert len(lines) == 1 and lines[0].startswith("dpo-lightning: error: non-finite loss at global step 1")
+    assert "Batch rows (dataset index): [" in lines[0] and "Traceback" not in result.stderr
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 1 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
 @pytest.mark.slow

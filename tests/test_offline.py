@@ -5,10 +5,9 @@ import os
 import pytest
 
 from dpo_lightning.cli import configure_wandb_mode
-from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.errors import DataError
 
-from conftest import ROOT
+from helpers import make_datamodule
 
 
 @pytest.fixture
@@ -39,73 +38,51 @@ def test_wandb_logged_in_stays_online(clean_env, monkeypatch):
     assert "WANDB_MODE" not in os.environ
 
 
-def test_fit_logs_wandb_offline_by_default(clean_env, pairs_file):
-    """With no login and no WANDB_MODE, a real run writes an offline wandb run inside its run folder.
-    The same run checks `model.label_smoothing: label_noise`, which sets cDPO's ε to data.label_noise."""
-    import subprocess
-    import sys
-
-    run_dir = clean_env / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpo_lightning",
-            "fit",
-            "--config",
-            "experiments/tiny_cpu.yaml",
-            "--data.train_files",
-            str(pairs_file),
-            "--data.format",
-            "explicit",
-            "--data.on_bad_row",
-            "error",
-            "--data.tokenizer_vocab_size",
-            "300",
-            "--model.loss",
-            "cdpo",
-            "--model.label_smoothing",
-            "label_noise",
-            "--data.label_noise",
-            "0.25",
-            "--trainer.max_steps",
-            "1",
-            "--trainer.limit_val_batches",
-            "0",
-            "--run.dir",
-            str(run_dir),
-            "--trainer.enable_progress_bar",
-            "false",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run written"
-    assert "label_smoothing: 0.25" in (run_dir / "hparams.yaml").read_text()
-
-
 def test_missing_file_with_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch, tiny_tokenizer):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    dm = PreferenceDataModule(
-        str(tmp_path / "absent.jsonl"),
-        hub_fallback={"path": "Anthropic/hh-rlhf", "data_dir": "harmless-base", "split": "test"},
-    )
-    dm._tokenizer = tiny_tokenizer
+    fallback = {"path": "Anthropic/hh-rlhf", "data_dir": "harmless-base", "split": "test"}
+    dm = make_datamodule(tmp_path / "absent.jsonl", tiny_tokenizer, format="auto", hub_fallback=fallback)
     with pytest.raises(DataError, match=r"absent.jsonl does not exist, and the hub fallback .* could not be loaded"):
         dm.setup()
 
 
 def test_explicit_file_still_loads_with_fallback_configured(tmp_path, tiny_tokenizer, pairs_file):
-    dm = PreferenceDataModule(str(pairs_file), format="explicit", hub_fallback={"path": "never/used"})
-    dm._tokenizer = tiny_tokenizer
+    """All 96 pairs load from the file (the fallback is never tried); the default val_fraction 0.05 holds out
+    ceil(0.05 · 96) = 5 of them."""
+    dm = make_datamodule(pairs_file, tiny_tokenizer, val_fraction=0.05, hub_fallback={"path": "never/used"})
     dm.setup()
-    assert len(dm.datasets["train"]) > 0
+    assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (91, 5)
+
+
+def test_wandb_logger_gets_the_run_name_group_and_job_type(tmp_path, monkeypatch):
+    """What a sweep trial passes (``--run.name <sweep>-NNN --run.group <sweep>``) reaches WandbLogger as the
+    display name and group; the job type defaults to the loss (so runs colour by variant) and the config carries
+    the dotted keys. The arguments are WandbLogger's own (bound against its signature)."""
+    import inspect
+
+    import lightning.pytorch.loggers as pl_loggers
+
+    from dpo_lightning.cli import RUN_DIR_ENV, RunConfig, build_loggers
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            inspect.signature(pl_loggers.WandbLogger).bind(**kwargs)
+            seen.update(kwargs)
+
+    monkeypatch.setattr(pl_loggers, "WandbLogger", Recorder)
+    monkeypatch.setenv(RUN_DIR_ENV, "x")  # recorded, so the teardown restores its absence after build_loggers sets it
+    monkeypatch.delenv(RUN_DIR_ENV)
+    settings = {"model.beta": 0.5, "data.label_noise": 0.1}
+    run = RunConfig(dir=str(tmp_path / "run"), name="loss_variants-003", group="loss_variants", tags=["t"])
+    loggers, _ = build_loggers(run, "ipo", 0.5, settings)
+    assert isinstance(loggers[-1], Recorder)
+    assert (seen["name"], seen["group"], seen["job_type"], seen["tags"]) == ("loss_variants-003", "loss_variants",
+                                                                           "ipo", ["t"])  # fmt: skip
+    assert seen["config"] == settings and seen["save_dir"] == str(tmp_path / "run")
+    build_loggers(RunConfig(dir=str(tmp_path / "other"), job_type="baseline"), "dpo", 0.1)
+    assert (seen["name"], seen["group"], seen["job_type"]) == ("dpo-beta0.1", None, "baseline")
 
 
 def test_run_folder_defaults(monkeypatch, tmp_path):

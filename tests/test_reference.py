@@ -12,26 +12,24 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
-from test_strategy import (
+
+import dpo_lightning.reference as reference_store
+from dpo_lightning.export import main as export
+
+from helpers import (
     FSDP,
+    ROOT,
+    assert_exported,
     assert_same_curves,
     cli_env,
     fit_args,
     fsdp_run,
     in_process_fit,
-    make_assets,
+    make_datamodule,
     plain_run,
 )
-
-import dpo_lightning.reference as reference_store
-
-from conftest import ROOT
-
-
-@pytest.fixture
-def assets(tmp_path_factory, tiny_tokenizer) -> Path:
-    return make_assets(tmp_path_factory.getbasetemp() / "scale_assets", tiny_tokenizer)
 
 
 @pytest.fixture
@@ -79,8 +77,9 @@ def test_precompute_matches_reference_every_step(assets):
 
 def test_store_is_reused_only_when_the_fingerprint_matches(assets, tmp_path, passes, caplog):
     """A run that changes the loss, β, lr and seed does no reference pass (it re-scores a few random rows and
-    finds them equal); a tampered store fails that check and is recomputed; changing max_length or the
-    log-prob aggregation computes a new store."""
+    finds them equal); a tampered store fails that check and is recomputed; changing max_length computes a new
+    store. The store holds log-prob sums (compute_loss divides for per-token means), so a run with
+    logp_aggregation mean reuses it."""
     cache = _copy_store(assets, tmp_path / "cache")
     common = {"precompute_reference": True, "reference_cache_dir": cache}
     stored = _stores(cache)
@@ -102,21 +101,12 @@ def test_store_is_reused_only_when_the_fingerprint_matches(assets, tmp_path, pas
     in_process_fit(assets, tmp_path / "shorter", data={"max_length": 48}, **common)
     assert len(passes) == 4 and len(_stores(cache)) == 4
     in_process_fit(assets, tmp_path / "mean", logp_aggregation="mean", **common)
-    assert len(passes) == 6 and len(_stores(cache)) == 6
+    assert len(passes) == 4 and len(_stores(cache)) == 4
 
 
 def test_dataset_fingerprint_is_content_only(assets, tmp_path):
     """The same rows hash the same however the table is laid out (index mapping, chunks); one token differs."""
-    from dpo_lightning.data import PreferenceDataModule
-
-    dm = PreferenceDataModule(
-        str(assets / "train.jsonl"),
-        val_files=str(assets / "val.jsonl"),
-        format="explicit",
-        tokenizer=str(assets / "tokenizer"),
-        max_length=64,
-        max_prompt_length=32,
-    )
+    dm = make_datamodule(assets / "train.jsonl", assets / "tokenizer", val_files=str(assets / "val.jsonl"))
     dm.setup("fit")
     train = dm.datasets["train"]
     shuffled = train.shuffle(seed=0)
@@ -130,15 +120,18 @@ def test_dataset_fingerprint_is_content_only(assets, tmp_path):
 def test_fsdp_two_ranks_compute_and_reuse(assets, tmp_path):
     """Under 2-process FSDP each rank scores its share of the rows (the reference is sharded, so both ranks run
     the same number of batches) and the shares are gathered; a split already in the store is loaded and
-    spot-checked across ranks instead. The curve matches the FSDP run with the reference every step."""
+    spot-checked across ranks instead. The curve matches the FSDP run with the reference every step.
+
+    The run uses ``trainer.strategy: fsdp_single_file`` (the same training; only the checkpoint differs), so it
+    also checks that format for real: one file gathered from both ranks' shards, that ``export`` turns into the
+    policy bit for bit."""
     cache = _copy_store(assets, tmp_path / "cache")
     for path in cache.glob("*.safetensors"):  # keep the val table, drop the train table
         if len(load_file(str(path))["index"]) == 64:
             os.remove(path)
     run_dir = tmp_path / "fsdp_precompute"
-    args = fit_args(
-        assets, run_dir, *FSDP, "--model.precompute_reference", "true", "--model.reference_cache_dir", str(cache)
-    )
+    args = fit_args(assets, run_dir, *FSDP, "--trainer.strategy", "fsdp_single_file",
+                    "--model.precompute_reference", "true", "--model.reference_cache_dir", str(cache))  # fmt: skip
     result = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "reference log-probs (train): computing 64 rows" in result.stderr
@@ -146,3 +139,20 @@ def test_fsdp_two_ranks_compute_and_reuse(assets, tmp_path):
     assert_same_curves(run_dir, fsdp_run(assets))
     tables = sorted(load_file(str(p))["index"].tolist() for p in cache.glob("*.safetensors"))
     assert [len(t) for t in tables] == [16, 64] and len(set(tables[1])) == 64
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()  # one file, not a folder of shards
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] == 5 and all(k.startswith("policy.") for k in saved["state_dict"])
+    sharded = sharded_policy_shapes(fsdp_run(assets) / "checkpoints" / "last.ckpt")
+    assert {k: tuple(v.shape) for k, v in saved["state_dict"].items()} == sharded  # whole tensors, not shards
+    assert export([str(ckpt), str(tmp_path / "hf")]) == 0
+    assert_exported(ckpt, tmp_path / "hf", run_dir / "tokenizer")
+
+
+def sharded_policy_shapes(sharded_ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """The full (unsharded) shapes of the policy tensors in a sharded checkpoint, from its DCP metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(sharded_ckpt)).read_metadata().state_dict_metadata
+    prefix = "state_dict."
+    return {k[len(prefix) :]: tuple(v.size) for k, v in meta.items() if k.startswith(prefix + "policy.")}

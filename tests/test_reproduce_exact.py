@@ -3,8 +3,9 @@
     python -m pytest -q tests/test_reproduce_exact.py        # ~20 s on 2 idle CPU cores; +40 s for `slow`
 
 The one expensive step, the 18,000-step Adam run behind the D1 and two-action claims (~12 s), runs once per
-module (``adam_runs``); the CLI test reuses it instead of training again. Its determinism is tested on a short
-run, and the slow test runs the whole CLI twice for byte-identical claims.
+session (conftest's ``adam_runs``, shared with test_reproduce_quick.py); the CLI test reuses it instead of
+training again. Its determinism is tested on a short run and the rest of Part 1 twice through the CLI; the slow
+test runs the whole CLI twice, real Adam runs included, for byte-identical claims.
 """
 
 from __future__ import annotations
@@ -31,26 +32,28 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-@pytest.fixture(scope="module")
-def adam_runs():
-    """The paper's setting, as `make reproduce` runs it: seed 0, 18,000 Adam steps, lr 0.01, minibatch 9."""
-    return bandit.train_bandits([bandit.D1, bandit.TWO_ACTIONS], seed=0, steps=18_000, lr=0.01, batch_size=9)
+def test_the_adam_setting_is_the_papers():
+    """Azar et al. §5.4: Adam, 18,000 steps, learning rate 0.01, minibatches of 9 pairs, 10 seeds (replicas)."""
+    assert bandit.SGD == {"steps": 18_000, "lr": 0.01, "batch_size": 9, "n_seeds": 10}
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, adam_runs):
-    """`--part 1 --seed 0` end to end, except that the Adam run is the fixture's (same seed, same settings)."""
-    out = tmp_path_factory.mktemp("reproduce")
+def _part1_with(adam_runs, out: Path) -> int:
+    """`--part 1 --seed 0` end to end, except that the Adam run is the session's (same seed, same settings)."""
 
-    def cached(problems, *, seed, steps, lr, batch_size):
-        assert (seed, steps, lr, batch_size) == (0, 18_000, 0.01, 9)
+    def cached(problems, *, seed, **sgd):
+        assert seed == 0 and sgd == {k: bandit.SGD[k] for k in ("steps", "lr", "batch_size")}
         assert problems == [bandit.D1, bandit.TWO_ACTIONS]
         return adam_runs
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bandit, "train_bandits", cached)
-        rc = cli.main(["--part", "1", "--out", str(out), "--seed", "0"])
-    return rc, out
+        return cli.main(["--part", "1", "--out", str(out), "--seed", "0"])
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, adam_runs):
+    out = tmp_path_factory.mktemp("reproduce")
+    return _part1_with(adam_runs, out), out
 
 
 # --- the claim groups, against the closed forms ----------------------------------------------------------
@@ -128,18 +131,34 @@ def test_minibatch_weights_are_frequencies_of_nine_draws():
 # --- the command line and the report ---------------------------------------------------------------------
 
 
+# The claims of the DPO, IPO and cDPO papers, first in claims.json: 3 DPO optima (β = 0.1, 0.5, 1) + 9 on D1
+# (3 τ × {IPO population optimum, DPO, IPO}) + 9 on two actions (4 τ × {DPO, IPO} + DPO's unbounded margin)
+# + 5 per-pair optima (cDPO at ε = 0.1 and 0.25 × {βh*, loss at h*} + IPO's h*) = 3 + 9 + 9 + 5 = 26.
+PAPER_GROUPS = {"bandit.dpo_optimum.": 3, "d1.": 9, "two_actions.": 9, "cdpo.optimum.": 4, "ipo.optimum.": 1}
+N_PAPER_CLAIMS = sum(PAPER_GROUPS.values())
+
+
+def paper_claims(rows: list[dict]) -> list[dict]:
+    """The first 26 rows, checked to be the paper groups in order (other loss families' groups follow them)."""
+    head = rows[:N_PAPER_CLAIMS]
+    counts = {prefix: sum(r["id"].startswith(prefix) for r in head) for prefix in PAPER_GROUPS}
+    assert counts == PAPER_GROUPS, counts
+    return head
+
+
 def test_cli_part1_writes_claims_figures_and_report(cli_run):
+    """Every claim passes and is reported, the papers' 26 first (PAPER_GROUPS), with both figures."""
     rc, out = cli_run
     assert rc == 0
     rows = json.loads((out / "claims.json").read_text())
     names = {f.name for f in fields(Claim)}
-    assert len(rows) == 26 and all(set(r) == names for r in rows)
+    assert len(paper_claims(rows)) == 26 and all(set(r) == names for r in rows)
     assert all(r["passed"] is True for r in rows)
     for png in ("bandit_d1_trajectories.png", "bandit_two_actions.png"):
         data = (out / png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
     readme = (out / "README.md").read_text()
-    assert readme.count("| **PASS** |") == 26 and "**FAIL**" not in readme
+    assert readme.count("| **PASS** |") == len(rows) and "**FAIL**" not in readme
     assert "![bandit_d1_trajectories](bandit_d1_trajectories.png)" in readme
     assert "| torch |" in readme and "Seed: 0" in readme and "wall time" in readme
 
@@ -155,7 +174,8 @@ def test_adam_runs_are_deterministic_per_seed():
 
 
 def test_cli_claims_are_the_claim_groups_output(cli_run, adam_runs):
-    """claims.json is exactly the claim groups' output at the same seed, serialised by write_claims."""
+    """claims.json starts with exactly the paper claim groups' output at the same seed, serialised by
+    write_claims (the same ``json.dumps`` of the dataclass rows)."""
     _, out = cli_run
     (s1, th1), (s2, th2) = adam_runs
     claims = (
@@ -164,9 +184,19 @@ def test_cli_claims_are_the_claim_groups_output(cli_run, adam_runs):
         + bandit.two_action_claims(s2, th2)
         + bandit.per_pair_optimum_claims()
     )
-    again = json.dumps([asdict(c) for c in claims], indent=2, default=float) + "\n"
-    assert (out / "claims.json").read_text() == again
+    written = json.loads((out / "claims.json").read_text())[:N_PAPER_CLAIMS]
+    assert written == json.loads(json.dumps([asdict(c) for c in claims], default=float))
+    assert len(claims) == N_PAPER_CLAIMS
     assert not torch.equal(bandit.make_bandit(1)["rewards"], bandit.make_bandit(0)["rewards"])
+
+
+def test_same_seed_same_claims_through_the_cli(cli_run, adam_runs, tmp_path):
+    """The fast half of "the same seed gives the same claims": a second `--part 1 --seed 0` (every claim group
+    recomputed: L-BFGS optima, per-pair optima, claims from the Adam trajectories, serialisation) writes a
+    byte-identical claims.json; the Adam run itself is deterministic per seed (above). The slow test below runs
+    the whole thing twice, Adam included (make test-full)."""
+    assert _part1_with(adam_runs, tmp_path) == 0
+    assert (tmp_path / "claims.json").read_bytes() == (cli_run[1] / "claims.json").read_bytes()
 
 
 @pytest.mark.slow

@@ -25,17 +25,25 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from test_strategy import FSDP, NOT_COMPARED, cli_env, curve, fit_args, fsdp_run, make_assets, metric_rows
 
 from dpo_lightning.errors import ConfigError
 from dpo_lightning.export import load_checkpoint
 
-from conftest import ROOT
-
-
-@pytest.fixture
-def assets(tmp_path_factory, tiny_tokenizer) -> Path:
-    return make_assets(tmp_path_factory.getbasetemp() / "scale_assets", tiny_tokenizer)
+from helpers import (
+    FSDP,
+    NOT_COMPARED,
+    ROOT,
+    cli_env,
+    cli_main,
+    curve,
+    fit_args,
+    fit_argv,
+    fsdp_run,
+    make_datamodule,
+    metric_rows,
+    quiet_trainer,
+    single_run,
+)
 
 
 def _row_key(row: dict[str, str]) -> tuple[int, str]:
@@ -83,7 +91,7 @@ def test_sigkill_and_resume_fsdp_is_exact(assets, tmp_path):
     assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-way: {output}"
     resumed_from = _checkpoint_step(ckpt)  # a save cut by the kill sits in a hidden folder; last.ckpt is whole
     assert 3 <= resumed_from < 5
-    shutil.copy(run_dir / "metrics.csv", tmp_path / "before_kill.csv")  # the resumed logger starts a new file
+    before_kill = (run_dir / "metrics.csv").read_text()
 
     start = time.perf_counter()
     result = subprocess.run(
@@ -97,8 +105,11 @@ def test_sigkill_and_resume_fsdp_is_exact(assets, tmp_path):
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in expected), "weights differ after resume"
 
+    # the resumed run kept the killed run's metrics.csv as metrics.before-<time>.csv and started a new one
+    (kept,) = run_dir.glob("metrics.before-*.csv")
+    assert kept.read_text() == before_kill
     uninterrupted = metric_rows(reference)
-    before, after = metric_rows(tmp_path, "before_kill.csv"), metric_rows(run_dir)
+    before, after = metric_rows(run_dir, kept.name), metric_rows(run_dir)
     assert_rows_match(before + after, uninterrupted)
     trained_after = sorted(s for s, kind in map(_row_key, after) if kind == "train")
     assert trained_after == list(range(resumed_from, 5))  # every step after the checkpoint, none twice
@@ -127,37 +138,25 @@ def _crash(assets: Path, root: Path, step: int, **module_kwargs) -> None:
 
 
 def _fit(assets: Path, root: Path, *, callbacks=(), ckpt_path=None, **module_kwargs) -> pl.Trainer:
-    from dpo_lightning.data import PreferenceDataModule
     from dpo_lightning.module import PreferenceModule
 
     pl.seed_everything(0)
-    dm = PreferenceDataModule(
-        str(assets / "train.jsonl"),
-        val_files=str(assets / "val.jsonl"),
-        format="explicit",
-        tokenizer=str(assets / "tokenizer"),
-        max_length=64,
-        max_prompt_length=32,
-        batch_size=8,
-        eval_batch_size=8,
-    )
+    dm = make_datamodule(assets / "train.jsonl", assets / "tokenizer", val_files=str(assets / "val.jsonl"),
+                         batch_size=8, eval_batch_size=8)  # fmt: skip
     kwargs = {"policy": str(assets / "policy"), "lr": 1e-3, "warmup_steps": 2, **module_kwargs}
     module = PreferenceModule(tokenizer=dm.tokenizer, **kwargs)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        enable_checkpointing=True,
         max_steps=6,
         val_check_interval=2,
         limit_val_batches=1,
         check_val_every_n_epoch=None,
         log_every_n_steps=1,
-        num_sanity_val_steps=0,
         logger=pl.loggers.CSVLogger(root, name="", version="", flush_logs_every_n_steps=1),
         callbacks=[
             pl.callbacks.ModelCheckpoint(root / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1),
             *callbacks,
         ],
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return trainer
@@ -201,3 +200,17 @@ def test_reference_not_in_checkpoint_and_checked_on_resume(assets, tmp_path):
     other.save_pretrained(tmp_path / "other_reference")
     with pytest.raises(ConfigError, match="reference rebuilt for this run differs"):
         _fit(assets, tmp_path / "run", ckpt_path=str(ckpt), reference=str(tmp_path / "other_reference"))
+
+
+def test_ckpt_path_last_without_a_checkpoint_starts_fresh(assets, tmp_path):
+    """The README's SLURM script passes ``--ckpt_path last`` on the first start too: with no checkpoint in the run
+    folder yet, fit starts from the initial weights (its first losses equal those of the same run started without
+    it, bitwise), writes its checkpoint, and keeps no earlier metrics file (there was none)."""
+    run_dir = tmp_path / "first-start"
+    args = fit_argv(assets, run_dir, "--data.batch_size", "8", "--trainer.max_steps", "2", "--ckpt_path", "last")
+    result = cli_main(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert not list(run_dir.glob("metrics.before-*.csv"))
+    fresh = curve(metric_rows(run_dir), "train/loss")
+    assert fresh == {s: v for s, v in curve(metric_rows(single_run(assets)), "train/loss").items() if s < 2}

@@ -9,7 +9,7 @@ import pytest
 
 from dpo_lightning.reward import SentimentClassifier
 
-from conftest import BAD_WORDS, GOOD_WORDS, SHARED_DATA
+from helpers import BAD_WORDS, GOOD_WORDS, SHARED_DATA
 
 IMDB = SHARED_DATA / "imdb"
 needs_imdb = pytest.mark.skipif(not (IMDB / "train.jsonl.gz").exists(), reason="../shared/data/imdb is absent")
@@ -64,14 +64,20 @@ def test_rejects_one_class_labels():
 
 @needs_imdb
 def test_imdb_subsample_accuracy():
-    """Fast variant: 4,000 training reviews, 2,000 test reviews. Expected ≈ 0.85; asserted ≥ 0.80."""
+    """Fast variant: 4,000 training reviews, 2,000 test reviews (seeded subsamples, seed 0).
+
+    Where the numbers come from: this exact run measured 0.859 (2026-12, unigram TF-IDF, min_df 2, C 4); the
+    full 25k/25k data gives 0.888 (README, `make reproduce`), and a sixth of the training data costs a few points.
+    The bound 0.80 leaves 2,000 test reviews' sampling error (σ ≈ √(0.86·0.14/2000) ≈ 0.008) many times over,
+    while a broken classifier (labels or tokens mixed up) falls to chance, 0.5. The 0.85 gate of Part 2's claim
+    is checked on the full data by the slow test below."""
     from dpo_lightning.reproduce.sentiment import load_imdb
 
     train_texts, train_labels = load_imdb(IMDB, "train", limit=4000, seed=0)
     test_texts, test_labels = load_imdb(IMDB, "test", limit=2000, seed=0)
     assert 0.3 < np.mean(train_labels) < 0.7  # the subsample mixes both classes
     clf = SentimentClassifier.fit(train_texts, train_labels)
-    assert clf.accuracy(test_texts, test_labels) >= 0.80
+    assert 0.80 <= clf.accuracy(test_texts, test_labels) < 0.95  # above 0.95 would mean test leaked into train
 
 
 @needs_imdb

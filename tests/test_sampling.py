@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from dpo_lightning.models import build_causal_lm
 from dpo_lightning.sampling import _cache_kwarg, label_pairs, sample, sample_preference_pairs, sequence_logprob
 
-from conftest import TINY_GPT2
+from helpers import TINY_GPT2
 
 EOS = 0
 PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [3, 4], [7, 7, 7, 7]]  # ragged: left padding is exercised

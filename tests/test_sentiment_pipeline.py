@@ -4,7 +4,9 @@ python -m pytest -q tests/test_sentiment_pipeline.py      # ~30 s on 2 CPU cores
 """
 
 import dataclasses
+import gzip
 import json
+import math
 
 import numpy as np
 import pytest
@@ -16,9 +18,8 @@ from dpo_lightning.models import build_causal_lm
 from dpo_lightning.reproduce import sentiment
 from dpo_lightning.reproduce.sentiment import Method, check_claims, clean_review, load_imdb, make_prompts
 
-from conftest import SHARED_DATA, TINY_GPT2
+from helpers import IMDB, TINY_GPT2
 
-IMDB = SHARED_DATA / "imdb"
 needs_imdb = pytest.mark.skipif(not (IMDB / "train.jsonl.gz").exists(), reason="../shared/data/imdb is absent")
 
 
@@ -40,6 +41,19 @@ def test_missing_data_without_hub_is_a_clear_error(tmp_path, monkeypatch):
         load_imdb(tmp_path, "train")
 
 
+def test_dpo_imdb_dir_sets_where_imdb_is_read(tmp_path, monkeypatch):
+    """``DPO_IMDB_DIR`` overrides the default ../shared/data/imdb: the folder it names is the one read (a
+    two-review stand-in here), for the default directory and for load_imdb without a directory."""
+    with gzip.open(tmp_path / "test.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "A fine<br />film.", "label": "pos"}) + "\n")
+        f.write(json.dumps({"text": "A dull film.", "label": "neg"}) + "\n")
+    monkeypatch.setenv("DPO_IMDB_DIR", str(tmp_path))
+    assert sentiment.default_imdb_dir() == tmp_path
+    assert load_imdb(None, "test") == (["A fine film.", "A dull film."], [1, 0])
+    monkeypatch.delenv("DPO_IMDB_DIR")
+    assert sentiment.default_imdb_dir() != tmp_path
+
+
 @needs_imdb
 def test_load_imdb_subsample_is_seeded_and_mixed():
     texts, labels = load_imdb(IMDB, "test", limit=300, seed=1)
@@ -57,7 +71,8 @@ def test_evaluate_policy_against_itself_has_zero_kl(tiny_tokenizer):
     res = evaluate_policy(model, model, prompts, reward_fn, tiny_tokenizer, max_new_tokens=5, samples_per_prompt=2)
     assert res["n"] == 6 and res["kl"] == pytest.approx(0.0, abs=1e-5)
     assert res["reward"] > 0 and res["length"] <= 5 and {"reward_sem", "kl_sem", "logp", "eos_rate"} <= set(res)
-    assert evaluate_policy(model, None, prompts, reward_fn, tiny_tokenizer, max_new_tokens=3)["kl"] != 0.0  # NaN
+    # without a reference there is no KL to measure: NaN, not a number that looks like one
+    assert math.isnan(evaluate_policy(model, None, prompts, reward_fn, tiny_tokenizer, max_new_tokens=3)["kl"])
 
 
 def test_frontier_is_the_concave_non_decreasing_envelope():
@@ -105,34 +120,41 @@ def test_claims_pass_and_fail_on_synthetic_histories():
     assert all("Quick mode" in c.tolerance for c in claims)
 
 
-@needs_imdb
-@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_toy_pipeline_writes_figures_and_claims(tmp_path, monkeypatch, workers):
-    """The whole of Part 2 at a size far below --quick: it must run and write everything, not pass claims.
-
-    With 1 worker the method runs happen in this process (~10 s); with 2, in spawned worker processes, as in
-    `make reproduce` (each worker pays for importing torch and Lightning: ~30-60 s on a busy machine).
-    """
-    toy = dataclasses.replace(
-        sentiment.QUICK, train_reviews=400, test_reviews=200, vocab_size=300, n_layer=1, n_embd=32, n_head=2,
-        context=24, sft_steps=4, sft_batch=16, pref_prompts=6, max_new_tokens=6, betas=(0.1, 1.0), method_steps=2,
-        method_batch=8, warmup_steps=1, eval_steps=(1, 2), eval_prompts=12, workers=workers,
-    )  # fmt: skip
-    monkeypatch.setattr(sentiment, "QUICK", toy)
-    claims, extra = sentiment.run_part2(tmp_path, quick=True, seed=0, data_dir=IMDB)
-    assert [c.id for c in claims] == [
+def test_toy_pipeline_writes_figures_and_claims(toy_reproduction):
+    """The whole of Part 2 at a size far below --quick (conftest's TOY_PART2, inside the session's
+    `reproduce --quick` run): it must run and write everything, not pass claims."""
+    _, out, methods_call = toy_reproduction
+    claims = [c for c in json.loads((out / "claims.json").read_text()) if c["id"].startswith("sentiment.")]
+    assert [c["id"] for c in claims] == [
         "sentiment.reward_classifier_accuracy", "sentiment.dpo_beats_sft",
         "sentiment.dpo_kl_decreases_with_beta", "sentiment.dpo_frontier_dominates_preferred_ft",
     ]  # fmt: skip
     for c in claims:
-        fields = dataclasses.asdict(c)
-        assert all(fields[k] not in (None, "") for k in ("id", "claim", "source", "expected", "tolerance"))
-        assert isinstance(c.passed, bool) and c.measured is not None
-    assert extra["figures"] == ["sentiment_frontier.png", "sentiment_training.png"]
-    assert all((tmp_path / f).stat().st_size > 5000 for f in extra["figures"])
-    assert "| DPO β=0.1 |" in extra["markdown"] and "test accuracy" in extra["markdown"]
-    work = tmp_path / "sentiment"
+        assert all(c[k] not in (None, "") for k in ("id", "claim", "source", "expected", "tolerance"))
+        assert isinstance(c["passed"], bool) and c["measured"] is not None
+    figures = ["sentiment_frontier.png", "sentiment_training.png"]
+    assert all((out / f).stat().st_size > 5000 for f in figures)
+    readme = (out / "README.md").read_text()
+    assert all(f"({f})" in readme for f in figures)
+    assert "| DPO β=0.1 |" in readme and "test accuracy" in readme
+    work = out / "sentiment"
     rows = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
     assert rows and set(rows[0]) == {"prompt", "chosen", "rejected"}
-    assert len((work / "frontier.csv").read_text().splitlines()) == 1 + 1 + 7 * 2  # header, SFT, 7 runs × 2
+    # header, SFT, then 7 runs (DPO, IPO, cDPO at 2 β + Preferred-FT) × 2 evaluations
+    assert len((work / "frontier.csv").read_text().splitlines()) == 1 + 1 + 7 * 2
+    assert len(methods_call["runs"]) == 7
     assert (work / "sft" / "config.json").exists() and (work / "reward.npz").exists()
+
+
+def test_toy_pipeline_with_two_workers_matches_one(tmp_path, monkeypatch, toy_reproduction):
+    """sentiment.py's promise: each method run is seeded and single-threaded, so its numbers do not depend on
+    which process runs it. All of Part 2 at toy size again, its 7 method runs in 2 spawned worker processes as
+    `make reproduce` runs them (each worker pays for importing torch and Lightning): the same frontier.csv (every
+    evaluated reward and KL), byte for byte, as the session's 1-worker run."""
+
+    from conftest import TOY_PART2
+
+    monkeypatch.setattr(sentiment, "QUICK", dataclasses.replace(sentiment.QUICK, **{**TOY_PART2, "workers": 2}))
+    sentiment.run_part2(tmp_path, quick=True, seed=0, data_dir=IMDB)
+    _, out, _ = toy_reproduction
+    assert (tmp_path / "sentiment" / "frontier.csv").read_text() == (out / "sentiment" / "frontier.csv").read_text()

@@ -14,7 +14,7 @@ from dpo_lightning.models import build_causal_lm
 from dpo_lightning.sft import SFTCollator, SFTDataModule, SFTModule, sft_lr_factor, tokenize_sft
 from dpo_lightning.tokenizer import load_tokenizer
 
-from conftest import TINY_GPT2, synthetic_pairs, write_jsonl
+from helpers import TINY_GPT2, synthetic_pairs, write_jsonl
 
 
 def _trainer(steps: int) -> pl.Trainer:

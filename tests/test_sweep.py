@@ -19,7 +19,7 @@ from dpo_lightning import sweep
 from dpo_lightning.errors import ConfigError
 from dpo_lightning.sweep_space import build_command, load_sweep, schema_violations
 
-from conftest import ROOT, synthetic_pairs, write_jsonl
+from helpers import ROOT, synthetic_pairs, write_jsonl
 
 FAKE = ROOT / "tests" / "fixtures" / "sweep_fake_trial.py"
 SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -122,7 +122,22 @@ def test_cli_accepts_the_command_wandb_builds(path, capsys, monkeypatch):
 
 
 # -- the runner, with fake trials --------------------------------------------------------------------------
-def test_random_and_bayes_propose_values_within_bounds(tmp_path):
+def test_random_and_bayes_propose_values_within_bounds(tmp_path, monkeypatch):
+    """6 trials, 2 at a time: every proposal is within the file's bounds and reaches the trial's command and
+    config; each trial is named <sweep>-NNN in group <sweep>. random samples with Optuna's RandomSampler; bayes with
+    its TPE sampler, whose model proposes (non-empty relative samples) once its 2 start-up trials are done
+    (startup = max(2, min(10, 6 // 3)))."""
+    import optuna
+
+    modelled: list[int] = []  # per TPE relative sample: how many parameters the model proposed
+    real = optuna.samplers.TPESampler.sample_relative
+
+    def spy(self, study, trial, search_space):
+        proposed = real(self, study, trial, search_space)
+        modelled.append(len(proposed))
+        return proposed
+
+    monkeypatch.setattr(optuna.samplers.TPESampler, "sample_relative", spy)
     parameters = {
         "model.beta": {"distribution": "log_uniform_values", "min": 0.01, "max": 1.0},
         "optimizer.lr": {"min": 0.0, "max": 0.01},
@@ -132,8 +147,15 @@ def test_random_and_bayes_propose_values_within_bounds(tmp_path):
         "fake.steps": {"value": 2},
     }
     for method in ("random", "bayes"):
+        modelled.clear()
         path = write_sweep(tmp_path, method, parameters, method=method, run_cap=6)
         out = tmp_path / method
+        (tmp_path / f"{method}-probe").mkdir()
+        sampler = sweep.make_study(load_sweep(path), tmp_path / f"{method}-probe", 0, 2, 6).sampler
+        if method == "bayes":
+            assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 2
+        else:
+            assert type(sampler) is optuna.samplers.RandomSampler
         assert sweep.main([str(path), "--out", str(out), "--workers", "2"]) == 0
         done = records(out)
         assert len(done) == 6 and all(r["state"] == "complete" for r in done)
@@ -144,9 +166,14 @@ def test_random_and_bayes_propose_values_within_bounds(tmp_path):
                 assert p.contains(r["params"][p.name]), (method, p.name, r["params"][p.name])
             assert f"--model.beta={r['params']['model.beta']}" in r["command"]
             assert f"--run.dir={r['run_dir']}" in r["command"] and f"--run.group={method}" in r["command"]
+            assert f"--run.name={method}-{Path(r['run_dir']).name}" in r["command"]
             assert f"beta: {float(r['params']['model.beta'])}" in (Path(r["run_dir"]) / "config.yaml").read_text()
         assert len({r["params"]["model.beta"] for r in done}) == 6  # bayes/random: no replayed proposals
         assert (out / "summary.csv").read_text().count("\n") == 7
+        if method == "bayes":
+            assert any(n > 0 for n in modelled), "TPE never proposed from its model"
+        else:
+            assert modelled == [], "the random sweep used TPE"
 
 
 def test_crashed_and_killed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):

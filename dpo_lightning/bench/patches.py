@@ -22,7 +22,7 @@ HEADS = ("response_only", "full")
 def full_logps(self: Any, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sequence log-probs (2B,) from the full (2B, T, V) logits: every position through the output layer."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["labels"], self.hparams.logp_aggregation)[0]
+    return sequence_logps(logits, batch["labels"], "sum")[0]  # sums, as concatenated_logps returns
 
 
 @contextlib.contextmanager

@@ -58,6 +58,21 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     (out / "README.md").write_text("\n".join(render(results, plots)) + "\n")
 
 
+def _gpu_line(gpu: dict[str, Any], m: dict[str, Any]) -> str:
+    """The headline's GPU sentence, from the gpu section: none on this machine, or which one (not used here)."""
+    if gpu.get("device"):
+        return (
+            f"**GPU: {gpu['device']}** on this machine (`{m['host']}`, {m['date'][:10]}), not used by this run: the "
+            "GPU numbers (tokens/s and MFU for GPT-2-medium and a ~1B Llama in bf16 with FSDP2) come from the "
+            "commands in section 6."
+        )
+    return (
+        f"**GPU: none.** This machine (`{m['host']}`, {m['date'][:10]}) has no GPU, so the GPU numbers (tokens/s "
+        "and MFU for GPT-2-medium and a ~1B Llama in bf16 with FSDP2) are not measured here; section 6 gives the "
+        "commands for a session on a GPU machine."
+    )
+
+
 def render(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
     m = results["machine"]
     v = m["versions"]
@@ -76,9 +91,7 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
         + ", ".join(f"`{k}={val}`" for k, val in m["worker_env"].items())
         + ".",
         "",
-        f"**GPU: none.** This machine (`{m['host']}`, {m['date'][:10]}) has no GPU, so the GPU numbers (tokens/s "
-        "and MFU for GPT-2-medium and a ~1B Llama in bf16 with FSDP2) are not measured here; section 6 gives the "
-        "commands for a session on a GPU machine.",
+        _gpu_line(results.get("gpu") or {}, m),
         "",
     ]
     if results["mode"] == "quick":

@@ -207,7 +207,6 @@ def phases(module: Any, batch: dict[str, torch.Tensor], repeats: int = 3) -> dic
         parts.setdefault(name, []).append(time.perf_counter() - start)
         return out
 
-    n = batch["index"].shape[0]
     for _ in range(repeats + 1):
         with torch.no_grad():
             timed(
@@ -217,7 +216,8 @@ def phases(module: Any, batch: dict[str, torch.Tensor], repeats: int = 3) -> dic
             timed("policy forward (no grad)", lambda: module.concatenated_logps(module.policy, batch))
         logps = timed("policy forward", lambda: module.concatenated_logps(module.policy, batch))
         ref = timed("reference forward", lambda: module.reference_logps(batch))
-        loss = module.loss_fn(logps[:n], logps[n:], ref[:n], ref[n:], beta=module.beta)[0].mean()
+        lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+        loss = module.objective((logps, ref), lengths, training=True)[0]
         timed("policy backward", loss.backward)
         timed("optimizer step", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
     return {k: statistics.median(v[1:]) for k, v in parts.items()}
