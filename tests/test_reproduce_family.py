@@ -1,4 +1,5 @@
-"""`make reproduce` Part 1, the loss-family groups (``dpo_lightning/reproduce/bandit_family.py``).
+"""`make reproduce` Part 1, the loss-family groups (``dpo_lightning/reproduce/bandit_margins.py`` and
+``bandit_populations.py``, with ``bandit_helpers.py``).
 
     python -m pytest -q tests/test_reproduce_family.py        # ~15 s on 2 CPU cores
 
@@ -16,10 +17,10 @@ import pytest
 import torch
 
 from dpo_lightning.losses import LOSSES
-from dpo_lightning.reproduce import bandit, bandit_family
+from dpo_lightning.reproduce import bandit, bandit_helpers, bandit_margins, bandit_populations
 from dpo_lightning.reproduce.claims import Claim
 
-GROUPS = {fn.__name__: fn for _, fn in bandit_family.FAMILY_GROUPS}
+GROUPS = {fn.__name__: fn for _, fn in bandit_populations.FAMILY_GROUPS}
 
 
 def _sigmoid(x: float) -> float:
@@ -50,7 +51,7 @@ def test_claims_are_well_formed(family_claims):
     assert not existing & set(ids), "a family claim reuses an id of bandit.py"
     for c in claims:
         assert c.source and c.claim
-        assert isinstance(c.tolerance, str) or c.tolerance in (0.0, bandit_family.TOL_LBFGS, bandit_family.TOL_EVAL)
+        assert isinstance(c.tolerance, str) or c.tolerance in (0.0, bandit_helpers.TOL_LBFGS, bandit_helpers.TOL_EVAL)
     # every loss with a closed-form optimum named in the issue has at least one claim
     for loss in ("hinge", "sppo_hard", "rdpo", "exo", "simpo", "fdpo", "sigmoid_norm", "nca_pair", "bco_pair", "sft"):
         assert any(i.startswith(loss + ".") for i in ids), loss
@@ -59,15 +60,15 @@ def test_claims_are_well_formed(family_claims):
 def test_closed_form_helpers():
     """The two closed forms solved numerically: SimPO's quadratic root and the normalising constant c."""
     # SimPO: γ = 0 gives m* = logit(p)/β; p = 1/2 gives m* = 0 whatever γ
-    assert bandit_family.simpo_population_margin(0.8, 2.0, 0.0) == pytest.approx(math.log(4) / 2, abs=1e-12)
-    assert bandit_family.simpo_population_margin(0.5, 2.0, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert bandit_margins.simpo_population_margin(0.8, 2.0, 0.0) == pytest.approx(math.log(4) / 2, abs=1e-12)
+    assert bandit_margins.simpo_population_margin(0.5, 2.0, 1.0) == pytest.approx(0.0, abs=1e-12)
     # the root solves p σ(γ − x) = (1 − p) σ(x + γ)
     p, beta, gamma = 0.7, 2.5, 1.375
-    x = beta * bandit_family.simpo_population_margin(p, beta, gamma)
+    x = beta * bandit_margins.simpo_population_margin(p, beta, gamma)
     assert p * _sigmoid(gamma - x) == pytest.approx((1 - p) * _sigmoid(x + gamma), abs=1e-12)
     # normalised_policy with ψ = Δ (reverse KL) is DPO's softmax(log π_ref + r/β)
     b = bandit.make_bandit(0)
-    pi = bandit_family.normalised_policy(b["log_ref"], lambda c: b["rewards"] / 0.5 + c, math.inf)
+    pi = bandit_helpers.normalised_policy(b["log_ref"], lambda c: b["rewards"] / 0.5 + c, math.inf)
     assert torch.allclose(pi, torch.softmax(b["log_ref"] + b["rewards"] / 0.5, 0), atol=1e-12, rtol=0)
     assert float(pi.sum()) == pytest.approx(1.0, abs=1e-12)
 

@@ -16,7 +16,8 @@ Claim groups (each function returns ``list[Claim]``):
 4. :func:`per_pair_optimum_claims` — Mitchell 2023 (cDPO note): β h* = log((1−ε)/ε), loss there = H(ε);
    IPO's h* = 1/(2β).
 5. The rest of the loss family (hinge, sppo_hard, rdpo, exo_pair, simpo, fdpo, sigmoid_norm, nca_pair, bco_pair,
-   sft): one group per loss with a closed-form optimum, in :mod:`dpo_lightning.reproduce.bandit_family`.
+   sft): one group per loss with a closed-form optimum, in :mod:`dpo_lightning.reproduce.bandit_margins` (per-pair
+   optima) and :mod:`dpo_lightning.reproduce.bandit_populations` (population optima, and the list of groups).
 
 Groups 2 and 3 share one Adam run (:func:`train_bandits`) in which every replica is a row of one tensor.
 """
@@ -426,7 +427,7 @@ def run_part1(
         group(f"IPO vs DPO on D1, Adam {SGD['steps']} steps, run with the next (Azar et al. §5.4)", d1)
         group("two actions, deterministic preference (Azar et al. §5.3.1)", lambda: two_action_claims(*runs[1]))
         group("per-pair optima of cDPO and IPO (Mitchell 2023)", per_pair_optimum_claims)
-        from dpo_lightning.reproduce.bandit_family import FAMILY_GROUPS, family_markdown  # imports this module
+        from dpo_lightning.reproduce.bandit_populations import FAMILY_GROUPS, family_markdown  # imports this module
 
         for title, claims_of in FAMILY_GROUPS:
             group(title, lambda claims_of=claims_of: claims_of(seed))
