@@ -16,14 +16,13 @@ completion_{(i+1) mod B}) for KTO's KL reference point. What changes for them:
 
 - ``index`` is a row id unique in the split (the record, or with ``unpair`` 2·record and 2·record + 1), so
   reference tables and guards keyed by ``batch["index"]`` work; ``record`` is the source record, named by errors.
-- The validation split (``val_fraction``) is drawn by record, so the two rows of one pair never straddle it.
-- ``label_noise`` flips the label of a seeded fraction of training records (with ``unpair``: both rows of the
-  pair, the same noise as swapping chosen and rejected).
+- The validation split (``val_fraction``) is drawn by record and ``label_noise`` flips the labels of records
+  (``splits``, the home of the train/val split and label noise of both kinds).
 - Length grouping uses prompt + completion; the audit reports prompt/completion lengths, the desirable share
   and the desirable-minus-undesirable completion length gap; ``max_truncation_rate`` checks the completions.
 - ``identical``: two rows of a pair (``unpair``) that are identical after truncation carry opposite labels for
   one text; they are counted (in rows) and dropped with ``drop_identical``, as identical pairs are.
-- Train and val must both be paired or both unpaired (``unpair`` makes both unpaired); else a ``DataError``.
+- Train and val must both be paired or both unpaired (``unpair`` makes both unpaired; ``splits``).
 
 Resuming the data order mid-epoch (for exact resume):
 
@@ -44,7 +43,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import math
 from typing import Any, Literal
 
 import datasets
@@ -61,6 +59,7 @@ from dpo_lightning.data.chat import PLAIN_TURN, ChatRenderer
 from dpo_lightning.data.formats import UNPAIRED, FormatName, apply_columns, detect_format, make_parser
 from dpo_lightning.data.sampler import PreferenceSampler, ResumableDataLoader
 from dpo_lightning.data.sources import Source
+from dpo_lightning.data.splits import check_same_kind, flip_pair_labels, flip_unpaired_labels, hold_out, is_unpaired
 from dpo_lightning.data.tokenize import (
     BAD_COLUMNS,
     STAT_COLUMNS,
@@ -254,9 +253,6 @@ class PreferenceDataModule(pl.LightningDataModule):
         except ValueError as err:
             raise DataError(f"{source.where(0).split(',')[0]}: {err}") from None
 
-    def _is_unpaired(self, fmt: str) -> bool:
-        return fmt == UNPAIRED or self.unpair
-
     @property
     def unpaired(self) -> bool:
         """Whether the splits hold unpaired rows (``data.format: unpaired``, or ``data.unpair``) rather than pairs:
@@ -264,7 +260,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         if self.unpair or self.format == UNPAIRED:
             return True
         fmt = self.formats.get("train") or self._split_format(self.source("train"))
-        return self._is_unpaired(fmt)
+        return is_unpaired(fmt, self.unpair)
 
     @property
     def loader_columns(self) -> list[str]:
@@ -292,7 +288,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         source = self.source(split)
         raw = source.dataset
         fmt = self.formats[split] = self._split_format(source)
-        unpaired = self._is_unpaired(fmt)
+        unpaired = is_unpaired(fmt, self.unpair)
         renderer = ChatRenderer(self.tokenizer, self.chat_template, self.chat_turn) if fmt == "chat" else None
         calls = [0]
         fn_kwargs = {
@@ -351,26 +347,17 @@ class PreferenceDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         train = self._prepare_split("train", enforce_thresholds)
-        unpaired = self._is_unpaired(self.formats["train"])
+        unpaired = is_unpaired(self.formats["train"], self.unpair)
         if self.val_files:
             val = self._prepare_split("val", enforce_thresholds)
-            if self._is_unpaired(self.formats["val"]) != unpaired:
-                kinds = {s: "unpaired rows" if self._is_unpaired(f) else "pairs" for s, f in self.formats.items()}
-                raise DataError(
-                    f"data.train_files hold {kinds['train']} (format {self.formats['train']}) but data.val_files "
-                    f"hold {kinds['val']} (format {self.formats['val']}); set data.unpair: true to split the pairs "
-                    "into unpaired rows, or give both splits data of one kind"
-                )
+            check_same_kind(self.formats, self.unpair)
             self.datasets["train"], self.datasets["val"] = train, val
-        elif unpaired:
-            self.datasets["train"], self.datasets["val"] = self._split_by_record(train)
         else:
-            split = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
-            self.datasets["train"], self.datasets["val"] = split["train"], split["test"]
+            self.datasets["train"], self.datasets["val"] = hold_out(train, self.val_fraction, self.seed, unpaired)
         self.datasets["test"] = self.datasets["val"]
         if self.label_noise > 0:
-            flip = self._flip_unpaired_labels if unpaired else self._flip_labels
-            self.datasets["train"] = flip(self.datasets["train"])
+            flip = flip_unpaired_labels if unpaired else flip_pair_labels
+            self.datasets["train"] = flip(self.datasets["train"], self.label_noise, self.seed)
         if unpaired and self.batch_size < 2:
             rank_zero_warn(
                 "data.batch_size 1 with unpaired rows: a batch has no other completion to mismatch with, so the "
@@ -398,53 +385,6 @@ class PreferenceDataModule(pl.LightningDataModule):
                 from dpo_lightning.data.audit import write_report
 
                 write_report(self.report, folder, self.stats.get("train"))
-
-    def _split_by_record(self, data: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
-        """(train, val) of unpaired rows: a seeded ``val_fraction`` of the source records goes to val with all
-        its rows (both rows of a pair split by ``unpair`` land on the same side)."""
-        records = np.asarray(data["record"])
-        unique = np.unique(records)
-        n_val = math.ceil(self.val_fraction * len(unique))
-        if not 0 < n_val < len(unique):
-            raise DataError(
-                f"data.val_fraction {self.val_fraction} of {len(unique)} records leaves {len(unique) - n_val} "
-                f"for training and {n_val} for validation; both need at least one (or give data.val_files)"
-            )
-        order = np.random.default_rng(self.seed).permutation(len(unique))
-        in_val = np.isin(records, unique[order[:n_val]])
-        return data.select(np.flatnonzero(~in_val)), data.select(np.flatnonzero(in_val))
-
-    def _flip_unpaired_labels(self, train: datasets.Dataset) -> datasets.Dataset:
-        """Flip the label of the rows of a seeded ``label_noise`` fraction of the training records (with ``unpair``
-        both rows of a pair: the pair's chosen and rejected swapped, as ``_flip_labels`` does for pairs)."""
-        records = np.unique(np.asarray(train["record"]))
-        n_flip = round(self.label_noise * len(records))
-        generator = torch.Generator().manual_seed(self.seed + 1)
-        flipped = set(records[torch.randperm(len(records), generator=generator)[:n_flip].numpy()].tolist())
-
-        def flip(row: dict[str, Any]) -> dict[str, Any]:
-            if row["record"] in flipped:
-                row["label"] = not row["label"]
-            return row
-
-        rank_zero_info(f"data: label_noise {self.label_noise}: flipped the labels of {n_flip} train records")
-        return train.map(flip, desc="flipping labels")
-
-    def _flip_labels(self, train: datasets.Dataset) -> datasets.Dataset:
-        """Swap chosen and rejected in a seeded ``label_noise`` fraction of the training pairs."""
-        n_flip = round(self.label_noise * len(train))
-        generator = torch.Generator().manual_seed(self.seed + 1)
-        flipped = set(torch.randperm(len(train), generator=generator)[:n_flip].tolist())
-
-        def swap(row: dict[str, Any], i: int) -> dict[str, Any]:
-            if i in flipped:
-                for a, b in (("chosen_input_ids", "rejected_input_ids"), ("chosen_len", "rejected_len")):
-                    row[a], row[b] = row[b], row[a]
-                row["chosen_tokens"], row["rejected_tokens"] = row["rejected_tokens"], row["chosen_tokens"]
-            return row
-
-        rank_zero_info(f"data: label_noise {self.label_noise}: swapped chosen/rejected in {n_flip} train pairs")
-        return train.map(swap, with_indices=True, desc="flipping labels")
 
     # ---------------------------------------------------------------- loaders
     def pair_lengths(self, split: str = "train") -> np.ndarray:
