@@ -22,6 +22,12 @@ IGNORE_INDEX = -100
 Aggregation = Literal["sum", "mean"]
 
 
+def response_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) response tokens scored per row of ``labels`` (B, T): the counts the sums of :func:`sequence_logps`
+    run over (position t predicts token t+1, so the first label is never scored)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token log p(label | prefix), shape (B, T), for logits (B, T, V) already aligned with labels (B, T).
 

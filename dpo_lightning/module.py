@@ -31,7 +31,7 @@ from torchmetrics import MeanMetric
 from dpo_lightning import reference as ref_store
 from dpo_lightning.errors import ConfigError
 from dpo_lightning.guards import NonFiniteGuard
-from dpo_lightning.logps import IGNORE_INDEX, Aggregation, response_logps, sequence_logps
+from dpo_lightning.logps import Aggregation, response_lengths, response_logps, sequence_logps
 from dpo_lightning.models import build_causal_lm
 from dpo_lightning.models import disable_dropout as zero_dropout
 from dpo_lightning.objective import Objective, loss_settings
@@ -281,7 +281,7 @@ class PreferenceModule(pl.LightningModule):
         """Loss (scalar, with grad) and per-example metric values (each (B,), or (values, weights), no grad)."""
         policy_logps = self.concatenated_logps(self.policy, batch)
         ref_logps = self.reference_logps(batch, split)
-        lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # (2B,) response tokens scored per row
+        lengths = response_lengths(batch["labels"])
         return self.objective(
             (policy_logps, ref_logps),
             lengths,
@@ -320,13 +320,10 @@ class PreferenceModule(pl.LightningModule):
         _, values = self.model_step(batch, stage)
         metrics = self.metrics[stage]
         for name, value in values.items():
-            value, weight = value if isinstance(value, tuple) else (value, None)
-            if weight is None:
-                metrics[_key(name)].update(value)
-            elif weight.sum() > 0:
-                metrics[_key(name)].update(value, weight)
-            else:
+            value, weight = value if isinstance(value, tuple) else (value, torch.ones_like(value))
+            if not weight.any():  # no row of this kind in the batch (e.g. no desirable row)
                 continue
+            metrics[_key(name)].update(value, weight)
             self.log(
                 f"{stage}/{name}",
                 metrics[_key(name)],

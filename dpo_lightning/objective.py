@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dpo_lightning.errors import ConfigError
-from dpo_lightning.losses import LOSSES, SPECS, compute_loss, get_loss
+from dpo_lightning.losses import LOSSES, SPECS, compute_loss, compute_mixture, get_loss
 from dpo_lightning.losses.registry import declared_params
 
 Tensor = torch.Tensor
@@ -126,7 +126,7 @@ class Objective:
         one = torch.zeros(1)
         for name in self.names:
             try:
-                compute_loss(name, **self._inputs(one, one, one, one, one + 1, one + 1), **self._state(name))
+                compute_loss(name, **self._inputs(one, one, one, one, one + 1, one + 1), **self._state())
             except ValueError as err:
                 raise ConfigError(f"model.loss {name}: {err}") from None
 
@@ -135,7 +135,8 @@ class Objective:
     def bco_delta(self) -> float:
         return self.bco_sum / self.bco_count if self.bco_count else 0.0
 
-    def _state(self, name: str, kl_reference: Tensor | float = 0.0) -> dict[str, Any]:
+    def _state(self, kl_reference: Tensor | float = 0.0) -> dict[str, Any]:
+        """The module-kept parameters: BCO's δ and KTO's z₀ (0 where the batch gives no estimate)."""
         return {"bco_delta": self.bco_delta, "kl_reference": kl_reference}
 
     def state_dict(self) -> dict[str, Any]:
@@ -189,19 +190,12 @@ class Objective:
             return self._unpaired(policy, reference, lengths, desirable, reduce)
         pc, pr, rc, rr = policy[:n], policy[n:], reference[:n], reference[n:]
         inputs = self._inputs(pc, pr, rc, rr, lengths[:n], lengths[n:])
+        detached = {**inputs, "policy_chosen_logps": pc.detach(), "policy_rejected_logps": pr.detach()}
         if training and ("bco_pair" in self.names):
-            self._update_bco(
-                {**inputs, "policy_chosen_logps": pc.detach(), "policy_rejected_logps": pr.detach()}, reduce
-            )
-        total, values, rewards = None, {}, None
-        for name, weight in zip(self.names, self.weights, strict=True):
-            losses, chosen_rewards, rejected_rewards = compute_loss(
-                name, **inputs, **self.settings, **self._state(name)
-            )
-            values[f"loss/{name}"] = losses.detach()
-            total = weight * losses if total is None else total + weight * losses
-            rewards = rewards or (chosen_rewards, rejected_rewards)
-        chosen_rewards, rejected_rewards = rewards
+            self._update_bco(detached, reduce)
+        total, components, chosen_rewards, rejected_rewards = compute_mixture(
+            self.names, self.weights, **inputs, **self.settings, **self._state()
+        )
         values = {
             "loss": total.detach(),
             "rewards/chosen": chosen_rewards,
@@ -210,11 +204,10 @@ class Objective:
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
             "logps/chosen": pc.detach(),
             "logps/rejected": pr.detach(),
-            **values,
+            **{f"loss/{name}": losses.detach() for name, losses in components.items()},
         }
-        detached = {**inputs, "policy_chosen_logps": pc.detach(), "policy_rejected_logps": pr.detach()}
         for name in LOSSES:  # KTO's shadow on pairs: z₀ = 0 (a paired batch has no mismatched rows)
-            values[f"shadow/{name}"] = compute_loss(name, **detached, **self.shadow_settings, **self._state(name))[0]
+            values[f"shadow/{name}"] = compute_loss(name, **detached, **self.shadow_settings, **self._state())[0]
         return total.mean(), values
 
     def _unpaired(
@@ -236,25 +229,22 @@ class Objective:
         z0 = (sums[0] / sums[1]).clamp(min=0)
         masks = {"chosen_mask": desirable, "rejected_mask": ~desirable}
         inputs = self._inputs(p, p, r, r, lengths_matched, lengths_matched)
-        total, values, rewards = None, {}, None
-        for name, weight in zip(self.names, self.weights, strict=True):
-            out = compute_loss(name, **inputs, **masks, **self.settings, **self._state(name, z0))
-            values[f"loss/{name}"] = out[0].detach()
-            total = weight * out[0] if total is None else total + weight * out[0]
-            rewards = rewards or out[1:]
+        total, components, chosen_rewards, rejected_rewards = compute_mixture(
+            self.names, self.weights, **inputs, **masks, **self.settings, **self._state(z0)
+        )
         weights_c, weights_r = desirable.float(), (~desirable).float()
         values = {
             "loss": total.detach(),
-            "rewards/chosen": (rewards[0], weights_c),  # desirable rows only
-            "rewards/rejected": (rewards[1], weights_r),  # undesirable rows only
+            "rewards/chosen": (chosen_rewards, weights_c),  # desirable rows only
+            "rewards/rejected": (rejected_rewards, weights_r),  # undesirable rows only
             "logps/chosen": (p.detach(), weights_c),
             "logps/rejected": (p.detach(), weights_r),
             "kl": z0.expand(n),
-            **values,
+            **{f"loss/{name}": losses.detach() for name, losses in components.items()},
         }
         detached = {**inputs, "policy_chosen_logps": p.detach(), "policy_rejected_logps": p.detach()}
         for name in (n_ for n_ in LOSSES if SPECS[n_].unpaired):
             values[f"shadow/{name}"] = compute_loss(
-                name, **detached, **masks, **self.shadow_settings, **self._state(name, z0)
+                name, **detached, **masks, **self.shadow_settings, **self._state(z0)
             )[0]
         return total.mean(), values

@@ -23,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from dpo_lightning.logps import IGNORE_INDEX
+from dpo_lightning.logps import IGNORE_INDEX, response_lengths
 
 # GPT-2 shapes for the CPU sweep, plus the two GPU shapes of the issue. vocab/positions are set per run.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -216,8 +216,7 @@ def phases(module: Any, batch: dict[str, torch.Tensor], repeats: int = 3) -> dic
             timed("policy forward (no grad)", lambda: module.concatenated_logps(module.policy, batch))
         logps = timed("policy forward", lambda: module.concatenated_logps(module.policy, batch))
         ref = timed("reference forward", lambda: module.reference_logps(batch))
-        lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-        loss = module.objective((logps, ref), lengths, training=True)[0]
+        loss = module.objective((logps, ref), response_lengths(batch["labels"]), training=True)[0]
         timed("policy backward", loss.backward)
         timed("optimizer step", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
     return {k: statistics.median(v[1:]) for k, v in parts.items()}
