@@ -1,4 +1,10 @@
-"""A ground-truth reward for text: a TF-IDF + logistic-regression sentiment classifier.
+"""Rewards for text: the one interface every on-policy trainer scores with, and a TF-IDF sentiment classifier.
+
+    reward = load_reward("runs/reward.npz")            # or a model directory, or "my_pkg.rewards:length"
+    scores = reward(prompts, completions)              # float32 (n,), checked: finite, one per completion
+
+:func:`load_reward` turns a spec into a :class:`Reward` (PPO, online DPO and best-of-N all go through it).
+The sentiment classifier below is the DPO paper's ground-truth reward, used directly:
 
     clf = SentimentClassifier.fit(train_texts, train_labels)      # labels: 1 = positive, 0 = negative
     clf.accuracy(test_texts, test_labels)                          # ≈ 0.89 on IMDb with unigrams
@@ -16,12 +22,16 @@ with ``allow_pickle=False`` and rebuilds the scorer, so a reward file never runs
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import torch
+
+from dpo_lightning.errors import UserError
 
 FORMAT_VERSION = 1
 
@@ -164,3 +174,164 @@ class SentimentClassifier:
                 lowercase=settings["lowercase"],
                 sublinear_tf=settings["sublinear_tf"],
             )
+
+
+# ---------------------------------------------------------------------------------------------------- interface
+class Reward(Protocol):
+    """Anything that scores (prompt, completion) texts: ``reward(prompts, completions)`` -> float32 (n,)."""
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor: ...
+
+
+class RewardError(UserError, ValueError):
+    """A reward that cannot be loaded, or that returned scores that cannot be used (NaN/inf, wrong count)."""
+
+
+TEXT_MODES = ("prompt+completion", "completion")
+
+
+def reward_texts(prompts: Sequence[str], completions: Sequence[str], text: str) -> list[str]:
+    if text not in TEXT_MODES:
+        raise RewardError(f"reward text: {text!r} is not one of {TEXT_MODES}")
+    return (
+        [p + c for p, c in zip(prompts, completions, strict=True)] if text == "prompt+completion" else list(completions)
+    )
+
+
+class SentimentReward:
+    """A :class:`SentimentClassifier` as a :class:`Reward`: the positive-class logit of each text.
+
+    ``text="prompt+completion"`` (the default) scores the whole review, prompt and continuation together, as the
+    DPO paper's sentiment experiment reads its samples (§6.1) and as :func:`sampling.sample_preference_pairs`
+    does; ``"completion"`` scores the continuation alone.
+    """
+
+    def __init__(self, classifier: SentimentClassifier, *, text: str = "prompt+completion"):
+        reward_texts([], [], text)  # validates text
+        self.classifier, self.text = classifier, text
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        return torch.as_tensor(self.classifier(reward_texts(prompts, completions, self.text)), dtype=torch.float32)
+
+
+class CheckedReward:
+    """Wraps any reward: scores in batches of ``batch_size`` and refuses unusable scores with a clear error.
+
+    Each batch's scores must be ``batch`` finite numbers (a tensor, array or list of shape (batch,) or
+    (batch, 1)); anything else raises :class:`RewardError` naming the reward, the batch (its index, the items
+    it covers, its first prompt) and the first bad item. The result is float32 (n,) on the CPU.
+    """
+
+    def __init__(self, reward: Callable, *, name: str, batch_size: int = 32):
+        if batch_size < 1:
+            raise RewardError(f"reward batch_size must be >= 1, got {batch_size}")
+        self.reward, self.name, self.batch_size = reward, name, int(batch_size)
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        prompts, completions = list(prompts), list(completions)
+        if len(prompts) != len(completions):
+            raise RewardError(f"reward {self.name}: {len(prompts)} prompts but {len(completions)} completions")
+        parts = [torch.zeros(0, dtype=torch.float32)]
+        for index, start in enumerate(range(0, len(prompts), self.batch_size)):
+            batch_p, batch_c = prompts[start : start + self.batch_size], completions[start : start + self.batch_size]
+            parts.append(self._check(self.reward(batch_p, batch_c), index, start, batch_p))
+        return torch.cat(parts)
+
+    def _check(self, scores: Any, index: int, start: int, prompts: list[str]) -> torch.Tensor:
+        n = len(prompts)
+        where = f"reward {self.name}, batch {index} (items {start}-{start + n - 1}, first prompt {prompts[0][:60]!r})"
+        if isinstance(scores, torch.Tensor):
+            scores = scores.detach().float().cpu()
+        try:
+            values = torch.as_tensor(np.asarray(scores, dtype=np.float64), dtype=torch.float32)
+        except (TypeError, ValueError) as err:
+            raise RewardError(f"{where}: returned {type(scores).__name__}, not numbers ({err})") from None
+        if values.dim() == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        if values.dim() != 1 or values.shape[0] != n:
+            raise RewardError(f"{where}: returned shape {tuple(values.shape)} for {n} completions, expected ({n},)")
+        bad = (~torch.isfinite(values)).nonzero().flatten()
+        if len(bad):
+            i = int(bad[0])
+            raise RewardError(
+                f"{where}: {len(bad)} non-finite score(s), first {float(values[i])} at item {start + i} "
+                f"(prompt {prompts[i][:60]!r})"
+            )
+        return values
+
+
+def _import_callable(path: str) -> Callable:
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise RewardError(f"reward {path!r}: cannot import it ({type(err).__name__}: {err})") from None
+    if not callable(obj):
+        raise RewardError(f"reward {path!r}: {type(obj).__name__} is not callable")
+    return obj
+
+
+def load_reward(
+    spec: str | Mapping | Callable,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 32,
+) -> Reward:
+    """The one way in to a reward: returns a checked :class:`Reward` (float32 (n,) on the CPU).
+
+    Args:
+        spec: one of
+            - ``"path/reward.npz"``: a :class:`SentimentClassifier` file, scoring prompt + completion;
+            - ``"path/to/dir"``: a local ``AutoModelForSequenceClassification`` directory with its tokenizer
+              (see :class:`dpo_lightning.reward_model.SequenceClassifierReward`), run on ``device``;
+            - ``"package.module:name"``: a callable ``(prompts, completions) -> scores``;
+            - a mapping ``{path: <one of the above>, ...options}``, options being ``text``
+              (``"prompt+completion"`` or ``"completion"``: what the classifier or model reads), ``label`` and
+              ``max_length`` (model directories), ``kwargs`` (import paths: the named object is a factory,
+              called with these keyword arguments to build the reward);
+            - a callable, used as it is.
+        device: where a model reward runs (the policy's device); ``None``: the CPU.
+        batch_size: texts per call of the underlying reward.
+    """
+    options: dict[str, Any] = {}
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        if "path" not in options:
+            raise RewardError(f"reward: a mapping needs a 'path' key, got keys {sorted(options)}")
+        spec = options.pop("path")
+    if callable(spec) and not isinstance(spec, str):
+        return CheckedReward(spec, name=getattr(spec, "__name__", type(spec).__name__), batch_size=batch_size)
+    if not isinstance(spec, (str, Path)):
+        raise RewardError(f"reward: expected a path, 'module:callable' or a callable, got {type(spec).__name__}")
+    spec = str(spec)
+    allowed = (
+        {"text"} if spec.endswith(".npz") else ({"text", "label", "max_length"} if Path(spec).is_dir() else {"kwargs"})
+    )
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise RewardError(f"reward {spec!r}: unknown option(s) {unknown}; this kind takes {sorted(allowed)}")
+    if spec.endswith(".npz"):
+        if not Path(spec).is_file():
+            raise RewardError(f"reward {spec!r}: no such file")
+        try:
+            classifier = SentimentClassifier.load(spec)
+        except (OSError, ValueError, KeyError) as err:
+            raise RewardError(f"reward {spec!r}: not a sentiment classifier file ({err})") from None
+        inner: Callable = SentimentReward(classifier, **options)
+    elif Path(spec).is_dir():
+        from dpo_lightning.reward_model import SequenceClassifierReward
+
+        inner = SequenceClassifierReward(spec, device=device, batch_size=batch_size, **options)
+    elif ":" in spec:
+        inner = _import_callable(spec)
+        if "kwargs" in options:
+            inner = inner(**options["kwargs"])
+            if not callable(inner):
+                raise RewardError(f"reward {spec!r}: the factory returned {type(inner).__name__}, not a callable")
+    else:
+        raise RewardError(
+            f"reward {spec!r}: not a .npz file, an existing model directory or a 'module:callable' import path"
+        )
+    return CheckedReward(inner, name=repr(spec), batch_size=batch_size)
