@@ -35,7 +35,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     (B, T, V) log-softmax tensor. For half-precision logits the logsumexp is taken one row at a time in
     float32, so the float32 copy is one sequence long, not the whole batch.
     """
-    safe_labels = labels.clamp(min=0).unsqueeze(-1)  # IGNORE_INDEX -> 0; masked out by the caller
+    safe_labels = labels.clamp(min=0).unsqueeze(-1)  # IGNORE_INDEX -> 0; the caller drops those with `where`
     picked = torch.gather(logits, -1, safe_labels).squeeze(-1).float()  # (B, T)
     if logits.dtype == torch.float32 or logits.dtype == torch.float64:
         lse = torch.logsumexp(logits, dim=-1)
@@ -65,7 +65,8 @@ def sequence_logps(
     logits = logits[:, :-1, :]  # position t predicts token t+1
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX  # (B, T-1)
-    per_token = token_logps(logits, labels) * mask
+    # `where`, not `* mask`: a -inf log-prob at a prompt or padding position times 0 is NaN, not 0
+    per_token = torch.where(mask, token_logps(logits, labels), 0.0)
     n_tokens = mask.sum(-1)
     total = per_token.sum(-1)
     if aggregation == "sum":

@@ -102,3 +102,24 @@ def test_response_only_output_layer_matches_full_logits(aggregation):
     assert torch.allclose(fast, full, atol=1e-5)
     assert torch.allclose(grad_fast, grad_full, atol=1e-5)
     assert not model.lm_head._forward_pre_hooks  # the hook is gone after the call
+
+
+def test_a_minus_inf_logit_at_a_masked_position_leaves_the_sums_finite():
+    """A -inf logit where nothing is scored (a prompt position, a padding position, or the masked token 0 that
+    IGNORE_INDEX labels are clamped to) must not reach the sum: -inf · 0 is NaN, so masking multiplies nothing.
+    Row 0: labels [X, X, 2, 3]; the logit of token 0 (the clamped label) at position 0 (predicting a prompt label) is
+    -inf. Row 1: the same at a padding position. With all other logits 0, each scored token has log p = −ln V,
+    so both sums are 2 · (−ln 5); the gradient is finite too."""
+    labels = torch.tensor([[X, X, 2, 3], [X, 1, 2, X]])
+    logits = torch.zeros(2, 4, 5, requires_grad=True)
+    planted = logits.detach().clone()
+    planted[0, 0, 0] = -math.inf  # position 0 predicts label 1 = X (prompt)
+    planted[1, 2, 0] = -math.inf  # position 2 predicts label 3 = X (padding)
+    planted.requires_grad_(True)
+    total, n = sequence_logps(planted, labels, "sum")
+    assert n.tolist() == [2, 2]
+    assert total.tolist() == pytest.approx([-2 * math.log(5)] * 2, abs=1e-6)
+    mean, _ = sequence_logps(planted, labels, "mean")
+    assert mean.tolist() == pytest.approx([-math.log(5)] * 2, abs=1e-6)
+    total.sum().backward()
+    assert torch.isfinite(planted.grad).all()
