@@ -268,6 +268,14 @@ def fsdp_run(assets: Path) -> Path:
     return shared_run(assets, "fsdp_2x4", *FSDP)
 
 
+TRDPO = ("--model.reference_sync", "{mode: soft, alpha: 0.5, every: 2}", "--model.loss", "[dpo, bco_pair]")
+
+
+def fsdp_trdpo_run(assets: Path) -> Path:
+    """The FSDP2 run with TR-DPO (soft sync every 2 steps) and a loss mixture: the reference changes mid-run."""
+    return shared_run(assets, "fsdp_trdpo", *FSDP, *TRDPO)
+
+
 def ddp_run(assets: Path) -> Path:
     """2-process DDP, 4 pairs per rank."""
     return shared_run(assets, "ddp_2x4", *DDP)

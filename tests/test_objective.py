@@ -1,7 +1,6 @@
 """The run's objective inside PreferenceModule: mixtures, reference-free losses, BCO's δ, KTO's z₀, TR-DPO."""
 
 import math
-import subprocess
 
 import lightning.pytorch as pl
 import pytest
@@ -279,32 +278,8 @@ def test_reference_sync_under_fsdp_matches_one_process(assets):
     """TR-DPO on an FSDP2-sharded policy and reference (2 processes, 4 pairs each) follows the same curves as one
     process with 8 pairs: the soft update runs shard by shard, and after the syncs at steps 2 and 4 the losses
     and rewards (which read the reference) agree. A sync on mismatched shards, or on one rank only, would not."""
-    from helpers import FSDP, assert_same_curves, shared_run
+    from helpers import TRDPO, assert_same_curves, fsdp_trdpo_run, shared_run
 
-    sync = ("--model.reference_sync", "{mode: soft, alpha: 0.5, every: 2}", "--model.loss", "[dpo, bco_pair]")
-    fsdp = shared_run(assets, "fsdp_trdpo", *FSDP, *sync)
-    single = shared_run(assets, "single_trdpo", "--data.batch_size", "8", *sync, in_process=True)
+    fsdp = fsdp_trdpo_run(assets)
+    single = shared_run(assets, "single_trdpo", "--data.batch_size", "8", *TRDPO, in_process=True)
     assert_same_curves(fsdp, single, keys=("train/loss", "train/rewards/margins", "val/loss", "val/loss/bco_pair"))
-
-
-def test_reference_sync_under_fsdp_resumes_exactly(assets, tmp_path):
-    """FSDP2 TR-DPO stopped after step 3 (its sharded checkpoint holds the reference synced at step 2, gathered
-    to full tensors) and resumed to step 5 ends with the weights of the 5-step run, bit for bit: the steps after
-    the resume read the restored reference, and the sync at step 4 mixes it into the next reference."""
-    from dpo_lightning.export import load_checkpoint
-
-    from helpers import FSDP, ROOT, cli_env, fit_args, shared_run
-
-    sync = ("--model.reference_sync", "{mode: soft, alpha: 0.5, every: 2}", "--model.loss", "[dpo, bco_pair]")
-    straight = shared_run(assets, "fsdp_trdpo", *FSDP, *sync)
-    run_dir = tmp_path / "stopped"
-    for extra in (("--trainer.max_steps", "3"), ("--ckpt_path", "last")):
-        result = subprocess.run(
-            fit_args(assets, run_dir, *FSDP, *sync, *extra), cwd=ROOT, env=cli_env(), capture_output=True, text=True,
-            timeout=420,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-4000:]
-    final, _ = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    expected, _ = load_checkpoint(straight / "checkpoints" / "last.ckpt")
-    assert final.keys() == expected.keys()
-    assert all(torch.equal(final[k], expected[k]) for k in expected), "weights differ after resume"

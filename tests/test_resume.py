@@ -4,8 +4,9 @@ weights and logs the same metrics, bit for bit on CPU, as a run that was never i
 What must survive the kill, and where it lives in the checkpoint: weights and optimizer state (Lightning;
 sharded per rank under FSDP), the lr scheduler and the loop counters, i.e. epoch and batch position
 (Lightning), the position in the data order (the data module's resumable loader), and the training step's
-RNG stream (PreferenceModule, per rank), which fixes dropout masks. The reference is not in the checkpoint:
-it is rebuilt from its source and checked against the fingerprint stored there.
+RNG stream (PreferenceModule, per rank), which fixes dropout masks. A fixed reference is not in the
+checkpoint: it is rebuilt from its source and checked against the fingerprint stored there; a TR-DPO reference,
+which changes during the run, is saved with it.
 
 One limit comes from Lightning's loop: a checkpoint is written in ``on_train_batch_end``, before that batch's
 metrics row is logged and before a validation scheduled at that batch; a resumed run does not redo either.
@@ -33,12 +34,13 @@ from helpers import (
     FSDP,
     NOT_COMPARED,
     ROOT,
+    TRDPO,
     cli_env,
     cli_main,
     curve,
     fit_args,
     fit_argv,
-    fsdp_run,
+    fsdp_trdpo_run,
     make_datamodule,
     metric_rows,
     quiet_trainer,
@@ -71,10 +73,15 @@ def _checkpoint_step(ckpt: Path) -> int:
 def test_sigkill_and_resume_fsdp_is_exact(assets, tmp_path):
     """2-process FSDP run, SIGKILLed (both processes) once its checkpoint reaches step 3, resumed with
     ``--ckpt_path last``: the final sharded weights are bitwise those of the uninterrupted run, and every metrics
-    row either run wrote equals the uninterrupted run's."""
-    reference = fsdp_run(assets)
+    row either run wrote equals the uninterrupted run's.
+
+    The run is TR-DPO (soft reference sync every 2 steps) with a [dpo, bco_pair] mixture, so the reference is
+    state too: the checkpoint at step 3 or 4 holds the reference synced at step 2 or 4 (gathered to full
+    tensors, restored shard by shard), and BCO's running reward mean. A resume that rebuilt the reference from
+    its source, or skipped the running mean, would change every loss after the resume and the final weights."""
+    reference = fsdp_trdpo_run(assets)
     run_dir = tmp_path / "killed"
-    args = fit_args(assets, run_dir, *FSDP)
+    args = fit_args(assets, run_dir, *FSDP, *TRDPO)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
 
     start = time.perf_counter()
