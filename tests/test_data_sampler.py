@@ -52,6 +52,16 @@ def test_uneven_data_pads_fewer_than_world_size_and_keeps_ranks_in_step():
     assert len(sampler) == 51 and list(sampler) == [i for b in sampler.batches() for i in b]
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_a_split_smaller_than_the_world_pads_with_its_own_rows(n):
+    """n pairs on 4 ranks × 2 (n = 1: every rank gets row 0): no index past the end, every rank as many pairs
+    and batches, every row seen. (Regression guard: the padding cycles through the rows, it does not count on.)"""
+    shards = _shards(n, 4)
+    flat = [i for s in shards for b in s for i in b]
+    assert max(flat) < n and set(flat) == set(range(n))
+    assert len({len(s) for s in shards}) == 1 and len({sum(map(len, s)) for s in shards}) == 1
+
+
 def test_order_is_a_function_of_seed_epoch_rank_and_world():
     lengths = _lengths(64)
 

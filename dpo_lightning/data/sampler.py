@@ -169,6 +169,21 @@ class ResumableDataLoader(DataLoader):
         self._resume = {"epoch": int(state["epoch"]), "batches": batches}
 
 
+def repeated_rows(sampler: Any, start: int, count: int) -> torch.Tensor:
+    """(count,) bool: which of the rows ``start .. start + count - 1`` that ``sampler`` hands this rank are repeats
+    it added so every rank gets as many rows, to leave out of validation means.
+
+    A ``DistributedSampler`` (``drop_last=False``; Lightning puts one on evaluation loaders under DDP/FSDP) pads its
+    index list at the end, then rank r takes every ``num_replicas``-th index from r: the p-th row on rank r sits at
+    position r + p·W of the padded list, a repeat when that is at or past the number of rows. Any other sampler
+    (one process, or ``PreferenceSampler``'s training order) repeats nothing here.
+    """
+    positions = torch.arange(start, start + count)
+    if not isinstance(sampler, DistributedSampler) or isinstance(sampler, PreferenceSampler) or sampler.drop_last:
+        return torch.zeros(count, dtype=torch.bool)
+    return sampler.rank + positions * sampler.num_replicas >= len(sampler.dataset)
+
+
 def padding_fraction(
     prompt_len: Sequence[int], chosen_len: Sequence[int], rejected_len: Sequence[int], batches: list[list[int]]
 ) -> float:
