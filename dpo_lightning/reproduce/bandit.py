@@ -431,6 +431,10 @@ def run_part1(
 
         for title, claims_of in FAMILY_GROUPS:
             group(title, lambda claims_of=claims_of: claims_of(seed))
+        from dpo_lightning.reproduce.bandit_onpolicy import ONPOLICY_GROUPS, onpolicy_markdown
+
+        for title, claims_of in ONPOLICY_GROUPS:
+            group(title, lambda claims_of=claims_of: claims_of(seed))
     (s_d1, th_d1), (s_two, th_two) = runs
     figures = [
         plot_d1(s_d1, th_d1, out_dir / "bandit_d1_trajectories.png"),
@@ -452,5 +456,5 @@ def run_part1(
   `population_optimum` rows); the largest standard deviation of a final IPO probability across seeds is
   {float(ipo_std):.4f}.
 - **Per-pair optima**: L-BFGS over the scalar margin h for β ∈ {list(BETAS)}.
-{family_markdown(seed)}"""
+{family_markdown(seed)}{onpolicy_markdown(seed)}"""
     return claims, {"figures": [str(f.relative_to(out_dir)) for f in figures], "markdown": markdown}
