@@ -100,6 +100,7 @@ def _sample_batch(
     pad_token_id: int,
     use_cache: bool,
     generator: torch.Generator | None,
+    stop_when_done: bool = True,
 ) -> Samples:
     device = _model_device(model)
     ids, mask = _left_pad(prompts, pad_token_id, device)
@@ -135,7 +136,7 @@ def _sample_batch(
         new_tokens[:, t] = nxt
         if eos_token_id is not None:
             finished |= alive & (nxt == eos_token_id)
-        if bool(finished.all()):
+        if stop_when_done and bool(finished.all()):
             break
         # stopped rows keep being fed pads; their outputs are discarded, masking them would only cost time
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -157,6 +158,7 @@ def sample(
     batch_size: int = 256,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    stop_when_done: bool = True,
 ) -> Samples:
     """Sample one continuation per prompt.
 
@@ -174,6 +176,9 @@ def sample(
         use_cache: reuse keys and values of earlier positions (KV cache); ``False`` recomputes the whole
             sequence each step and gives the same tokens, slower. Kept for testing and for models without one.
         generator: a seeded ``torch.Generator`` makes the draws reproducible; ``None`` uses the global RNG.
+        stop_when_done: end a batch's loop once every row has stopped; ``False`` always runs ``max_new_tokens``
+            forward steps, as processes of a sharded (FSDP) model must make the same calls (the tokens of a
+            single batch are the same; later batches draw from a generator that has been advanced further).
 
     Returns:
         :class:`Samples` with the continuations, their log-probs at temperature 1, and whether they ended.
@@ -198,6 +203,7 @@ def sample(
                 pad_token_id=pad,
                 use_cache=use_cache,
                 generator=generator,
+                stop_when_done=stop_when_done,
             )
             for i in range(0, len(rows), batch_size)
         ]
