@@ -117,9 +117,15 @@ def _config_value(configs: list[dict], overrides: list[str], key: str) -> Any:
 
 
 def _fit(args: list[str], round_no: int) -> None:
+    import sys
+
     from dpo_lightning.cli import main as cli_main
 
-    code = cli_main(["fit", *args])
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it is given args and sys.argv holds others
+    try:
+        code = cli_main(["fit", *args])
+    finally:
+        sys.argv = saved
     if code != 0:
         raise UserError(f"iterate: round {round_no}'s fit failed (exit {code}); its output is above")
 

@@ -227,8 +227,15 @@ class OnlineSampler:
     def pairs(self, policy: nn.Module, tokenizer: Any, batch: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
         """(the new pair batch on the batch's device, the step's statistics as floats)."""
         c = self.config
+        prompts = batch_prompts(batch)
+        limit = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and max(map(len, prompts)) + c.max_new_tokens > limit:
+            raise ConfigError(
+                f"model.online: a prompt of {max(map(len, prompts))} tokens + max_new_tokens {c.max_new_tokens} "
+                f"exceeds the policy's {limit} positions; lower data.max_prompt_length or model.online.max_new_tokens"
+            )
         scored = sample_and_score(
-            policy, tokenizer, batch_prompts(batch), self.reward(batch["input_ids"].device),
+            policy, tokenizer, prompts, self.reward(batch["input_ids"].device),
             samples_per_prompt=c.samples_per_prompt, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
             top_k=c.top_k, batch_size=c.sample_batch_size,
         )  # fmt: skip

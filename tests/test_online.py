@@ -158,3 +158,12 @@ def test_pairs_are_the_sampled_ids_ranked_by_the_reward(tiny_tokenizer):
     assert stats["reward_rejected"] == pytest.approx(float(r.min(1).values.mean()))
     chosen_text = tiny_tokenizer.decode(new["labels"][0][new["labels"][0] >= 0], skip_special_tokens=True)
     assert len(chosen_text) == r[0].max()
+
+
+def test_prompt_plus_new_tokens_beyond_the_context_is_refused(tiny_tokenizer):
+    """TINY_GPT2 has 128 positions: a 10-token prompt + 200 new tokens cannot be sampled."""
+    module = PreferenceModule(policy_config=TINY_GPT2, tokenizer=tiny_tokenizer)
+    row = {"prompt_input_ids": list(range(3, 13)), "chosen_input_ids": [3], "rejected_input_ids": [4], "index": 0}
+    sampler = OnlineSampler(online_config({"reward": "x:y", "max_new_tokens": 200}), lambda p, c: torch.zeros(len(c)))
+    with pytest.raises(ConfigError, match="exceeds the policy's 128 positions"):
+        sampler.pairs(module.policy, tiny_tokenizer, PairCollator(0)([row]))
