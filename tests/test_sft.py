@@ -72,7 +72,7 @@ def test_datamodule_reads_preference_files_for_preferred_ft(tmp_path, tiny_token
     assert batch["input_ids"].shape[0] == 8
     assert (batch["labels"][:, 0] == IGNORE_INDEX).all()  # every record starts with its prompt
     with pytest.raises(DataError, match="no field 'text'"):
-        SFTDataModule(train_files=str(path), tokenizer=str(tmp_path / "tok")).setup()
+        SFTDataModule(train_files=str(path), format="text", tokenizer=str(tmp_path / "tok")).setup()
 
 
 def test_datamodule_trains_a_tokenizer_when_none_is_given(tmp_path):
@@ -117,3 +117,76 @@ def test_bad_settings():
         SFTModule(policy_config=TINY_GPT2, lr=0.0)
     with pytest.raises(ValueError, match="prompts but"):
         SFTDataModule.from_texts(["a", "b"], prompts=["x"], tokenizer=None)
+
+
+def test_formats_text_messages_and_preference_pairs(tmp_path, tiny_tokenizer):
+    """The same (prompt, response) from three record kinds, format auto: a {messages} conversation (rendered with
+    the plain chat template: the prompt ends in "\\n\\nAssistant:", the answer is the response), an HH pair
+    (prompt up to the last assistant turn, chosen response) and an explicit pair; a {text} record is all target."""
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    turns = [{"role": "user", "content": "Review 1: The film was"}, {"role": "assistant", "content": "great fine."}]
+    files = {
+        "messages": [{"messages": turns}],
+        "hh": [{"chosen": "\n\nHuman: Review 1: The film was\n\nAssistant: great fine.",
+                "rejected": "\n\nHuman: Review 1: The film was\n\nAssistant: awful."}],
+        "explicit": [{"prompt": "\n\nUser: Review 1: The film was\n\nAssistant:", "chosen": " great fine.",
+                      "rejected": " awful."}],
+        "text": [{"text": "The film was great fine."}],
+    }  # fmt: skip
+    rows = {}
+    for kind, records in files.items():
+        dm = SFTDataModule(train_files=str(write_jsonl(tmp_path / f"{kind}.jsonl", records)),
+                           tokenizer=str(tmp_path / "tok"), max_length=64, val_fraction=0)  # fmt: skip
+        dm.setup()
+        rows[kind] = dm.rows["train"][0]
+        assert dm._records["train"][0]["response"].strip() == ("The film was great fine." if kind == "text"
+                                                                else "great fine.")  # fmt: skip
+    assert rows["messages"]["input_ids"] == rows["explicit"]["input_ids"]
+    assert rows["messages"]["labels"] == rows["explicit"]["labels"]
+    assert IGNORE_INDEX not in rows["text"]["labels"]
+    assert rows["hh"]["labels"].count(IGNORE_INDEX) > 0 and rows["hh"]["labels"][-1] == tiny_tokenizer.eos_token_id
+
+
+def test_bad_records_are_named_or_skipped_and_counted(tmp_path, tiny_tokenizer):
+    """A conversation that ends with the user is named by file, row (as fit's errors name it: Source.where) and
+    field; with on_bad_row skip it is left out and counted by kind."""
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [good, bad, good])
+    settings = {"train_files": str(path), "tokenizer": str(tmp_path / "tok"), "val_fraction": 0}
+    named = r"chat.jsonl, (record 1|line 2), field 'messages': .*does not end with an assistant"
+    with pytest.raises(DataError, match=named):
+        SFTDataModule(**settings).setup()
+    dm = SFTDataModule(**settings, on_bad_row="skip")
+    dm.setup()
+    assert len(dm.rows["train"]) == 2 and dm.skipped["train"] == {"no_assistant_turn": 1}
+
+
+def test_truncation_is_the_preference_datas(tiny_tokenizer):
+    """With max_prompt_length, a long prompt keeps its last tokens (keep_end) and the response its first, as
+    fit cuts a pair: prompt 20 tokens -> 8, response -> 16 - 8."""
+    from dpo_lightning.data.tokenize import truncate_row
+
+    prompt, response = " ".join(["The film was"] * 7), " great" * 12
+    (row,) = tokenize_sft(tiny_tokenizer, [response], [prompt], max_length=16, max_prompt_length=8)
+    p, r = prompt_ids(tiny_tokenizer, [prompt])[0], response_ids(tiny_tokenizer, [response])[0]
+    assert len(p) > 8 and len(r) > 8
+    tp, tr = truncate_row(p, r, max_length=16, max_prompt_length=8, truncation_mode="keep_end")
+    assert row["input_ids"] == tp + tr and len(row["input_ids"]) == 16
+    assert row["labels"] == [IGNORE_INDEX] * len(tp) + tr
+
+
+def test_validation_loss_is_the_per_token_mean_of_the_split(tiny_tokenizer):
+    """val/loss over 3 records in batches of 2 is Σ NLL / Σ target tokens over the 3 (not a mean of batch means)."""
+    pl.seed_everything(0, verbose=False)
+    texts = [r["prompt"] + r["chosen"] for r in synthetic_pairs(3)]
+    dm = SFTDataModule.from_texts(texts[:1], tokenizer=tiny_tokenizer, val_responses=[texts[1], texts[2] * 3, texts[0]],
+                                  max_length=64, batch_size=2)  # fmt: skip
+    module = SFTModule(policy_config=TINY_GPT2, tokenizer=tiny_tokenizer)
+    dm.setup()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (logged,) = trainer.validate(module, dm, verbose=False)
+    with torch.no_grad():
+        sums, counts = module.eval().row_losses(SFTCollator(tiny_tokenizer.pad_token_id)(dm.rows["val"]))
+    assert logged["val/loss"] == pytest.approx(float(sums.sum() / counts.sum()), rel=1e-5)
