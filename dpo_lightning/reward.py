@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -335,3 +336,23 @@ def load_reward(
             f"reward {spec!r}: not a .npz file, an existing model directory or a 'module:callable' import path"
         )
     return CheckedReward(inner, name=repr(spec), batch_size=batch_size)
+
+
+class WordListReward:
+    """A lexicon reward for examples and smoke runs: (number of positive − number of negative words) in the text.
+
+    Words are lowercased runs of letters; ``text`` says what is read (``"completion"`` by default, so a prompt's
+    own words do not count). Not a sentiment model: use :class:`SentimentClassifier` (or a reward model) for that.
+    """
+
+    def __init__(self, positive: Sequence[str], negative: Sequence[str] = (), *, text: str = "completion"):
+        reward_texts([], [], text)
+        self.positive, self.negative = {w.lower() for w in positive}, {w.lower() for w in negative}
+        self.text = text
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        scores = []
+        for t in reward_texts(prompts, completions, self.text):
+            words = re.findall(r"[a-z]+", t.lower())
+            scores.append(sum(w in self.positive for w in words) - sum(w in self.negative for w in words))
+        return torch.tensor(scores, dtype=torch.float32)

@@ -1,0 +1,44 @@
+"""``dpo-lightning ppo``: PPO training from a LightningCLI config.
+
+    dpo-lightning ppo --config experiments/tiny_ppo.yaml [--model.kl_coef 0.1] [--ckpt_path last]
+    dpo-lightning ppo --help                                   # every model.*, data.*, trainer.* and run.* key
+
+It is ``fit`` of a LightningCLI over :class:`~dpo_lightning.ppo.module.PPOModule` and
+:class:`~dpo_lightning.ppo.data.PromptDataModule`: a wrong key fails before anything runs, the resolved config is
+saved in the run folder, and the run folder and loggers (``run.*``) are those of ``dpo-lightning fit``.
+``data.updates_per_rollout`` is set from ``model.ppo_epochs × model.num_minibatches`` and the data's tokenizer is
+handed to the model.
+"""
+
+from __future__ import annotations
+
+from dpo_lightning.cli import RunConfig, build_loggers, flat_config
+
+
+def main(argv: list[str]) -> int:
+    """Run PPO (``fit``) on ``argv``; returns the exit status."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from dpo_lightning.ppo.data import PromptDataModule
+    from dpo_lightning.ppo.module import PPOModule
+
+    class PPOCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_class_arguments(RunConfig, "run")
+            parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
+            parser.link_arguments(("model.ppo_epochs", "model.num_minibatches"), "data.updates_per_rollout",
+                                  compute_fn=lambda epochs, parts: epochs * parts)  # fmt: skip
+
+        def instantiate_trainer(self, **kwargs):
+            config = self.config_init[self.subcommand]
+            if config["trainer"].get("logger") in (None, True):
+                settings = flat_config(self.config[self.subcommand].as_dict())
+                kwargs["logger"], _ = build_loggers(config["run"], "ppo", config["model"].hparams.kl_coef, settings)
+            return super().instantiate_trainer(**kwargs)
+
+    args = list(argv)
+    if args[:1] != ["fit"]:  # PPO only trains: `ppo ARGS` is `fit ARGS`
+        args = ["fit", *args]
+    PPOCLI(PPOModule, PromptDataModule, args=args, auto_configure_optimizers=False,
+           save_config_kwargs={"overwrite": True})  # fmt: skip
+    return 0
