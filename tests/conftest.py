@@ -189,3 +189,19 @@ def toy_reproduction(tmp_path_factory, adam_runs):
         mp.chdir(ROOT)
         code = reproduce.main(["--quick", "--seed", "0", "--out", str(out)])
     return code, out, methods_call
+
+
+@pytest.fixture(scope="session")
+def family_tokenizers():
+    """``get(family, chat_template="default")``: helpers.family_tokenizer, built once per session per argument
+    (families: helpers.TOKENIZER_FAMILIES and ``gpt2-files``; templates: ``llama3``, ``chatml``, None, "default")."""
+    from helpers import family_tokenizer
+
+    built: dict = {}
+
+    def get(family: str, chat_template: str | None = "default"):
+        if (family, chat_template) not in built:
+            built[family, chat_template] = family_tokenizer(family, chat_template)
+        return built[family, chat_template]
+
+    return get

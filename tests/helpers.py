@@ -378,3 +378,36 @@ def assert_exported(ckpt: Path, out: Path, tokenizer_source: Path, dtype=None) -
     batch = tokenizer(["Review 3: The film was great."], return_tensors="pt")
     assert torch.isfinite(model(**batch).logits).all()
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+
+
+# --------------------------------------------------------------------------- tokenizers of every family
+GPT2_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt2"  # the real GPT-2 files (50,257 tokens)
+TOKENIZER_FAMILIES = ("gpt2", "llama3", "qwen2", "llama2")  # dpo_lightning.tokenizer.FAMILIES, trained locally
+
+
+def family_texts(n: int = 120) -> list[str]:
+    """Training text for the family tokenizers: the first ``n`` HH chosen transcripts and ``n`` IMDb test reviews
+    (synthetic pairs' text where the shared data is absent)."""
+    import gzip
+    import itertools
+
+    texts = []
+    for path, field in ((HH_TEST, "chosen"), (IMDB / "test.jsonl.gz", "text")):
+        if path.exists():
+            with gzip.open(path, "rt") as f:
+                texts += [json.loads(line)[field] for line in itertools.islice(f, n)]
+    return texts or [r[k] for r in synthetic_pairs(300) for k in ("prompt", "chosen", "rejected")]
+
+
+def family_tokenizer(family: str, chat_template: str | None = "default", vocab_size: int = 1024):
+    """A tokenizer of ``family``: one of TOKENIZER_FAMILIES trained on ``family_texts()`` (about 0.3 s), or
+    ``gpt2-files`` (the real GPT-2 files from ../shared/data). ``chat_template`` as in
+    ``dpo_lightning.tokenizer.train_family_tokenizer`` (gpt2-files has none by default)."""
+    from dpo_lightning.tokenizer import CHAT_TEMPLATES, load_tokenizer, train_family_tokenizer
+
+    if family == "gpt2-files":
+        tokenizer = load_tokenizer(str(GPT2_TOKENIZER))
+        template = None if chat_template == "default" else chat_template
+        tokenizer.chat_template = CHAT_TEMPLATES.get(template, template) if template else None
+        return tokenizer
+    return train_family_tokenizer(family_texts(), family, vocab_size=vocab_size, chat_template=chat_template)

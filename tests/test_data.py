@@ -41,14 +41,15 @@ def test_hh_split_multi_turn():
     ],
 )
 def test_explicit_bad_rows(tmp_path, tiny_tokenizer, row, kind, field):
-    """Each bad record stops setup with file, record number and field named; with skip it is counted."""
+    """Each bad record stops setup with file, line (1-based, as an editor counts) and field named; with skip it is
+    counted."""
     rows = [GOOD, dict(GOOD, chosen=" ok"), row, dict(GOOD, chosen=" sure")]
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError) as err:
         _dm(path, tiny_tokenizer).setup()
     message = str(err.value)
-    assert f"{path}, record 2, field {field!r}" in message and f"{kind}: 1" in message
+    assert f"{path}, line 3, field {field!r}" in message and f"{kind}: 1" in message
     dm = _dm(path, tiny_tokenizer, on_bad_row="skip")
     dm.setup()
     assert dm.skipped["train"] == {kind: 1}
@@ -127,13 +128,18 @@ def test_tokenized_boundary_eos_and_labels(tmp_path, tiny_tokenizer):
 
 def test_truncation_modes():
     """max_length 8, max_prompt_length 4, prompt 6 tokens, responses 5 and 3 tokens (6 + 5 > 8):
-    keep_end keeps prompt[-4:], keep_start prompt[:4]; then 4 + 5 > 8 so both responses are cut to 8 − 4 = 4."""
+    keep_end keeps prompt[-4:], keep_start prompt[:4]; then 4 + 5 > 8 so both responses are cut to 8 − 4 = 4.
+    A prompt that starts with the BOS (bos_token_id 0 here) keeps it under keep_end: [0] + prompt[-3:]."""
     prompt, chosen, rejected = list(range(6)), [10, 11, 12, 13, 14], [20, 21, 22]
     p, c, r = truncate_pair(prompt, chosen, rejected, max_length=8, max_prompt_length=4, truncation_mode="keep_end")
     assert (p, c, r) == ([2, 3, 4, 5], [10, 11, 12, 13], [20, 21, 22])
     p, _, _ = truncate_pair(prompt, chosen, rejected, max_length=8, max_prompt_length=4, truncation_mode="keep_start")
     assert p == [0, 1, 2, 3]
     assert truncate_pair([1, 2], [3], [4], max_length=8, max_prompt_length=1) == ([1, 2], [3], [4])
+    p, c, _ = truncate_pair(prompt, chosen, rejected, max_length=8, max_prompt_length=4, bos_token_id=0)
+    assert (p, c) == ([0, 3, 4, 5], [10, 11, 12, 13])
+    p, _, _ = truncate_pair(prompt, chosen, rejected, max_length=8, max_prompt_length=4, bos_token_id=99)
+    assert p == [2, 3, 4, 5]  # no BOS at the start: keep_end as before
 
 
 def test_label_noise_flips_a_seeded_fraction(tmp_path, tiny_tokenizer, pairs_file):
@@ -148,3 +154,20 @@ def test_label_noise_flips_a_seeded_fraction(tmp_path, tiny_tokenizer, pairs_fil
     )
     assert flipped == round(0.25 * len(clean.datasets["train"]))
     assert clean.datasets["val"]["chosen_input_ids"] == noisy.datasets["val"]["chosen_input_ids"]
+
+
+@pytest.mark.parametrize("fmt", ["explicit", "unpaired"])
+def test_val_fraction_zero_means_no_validation_split(tmp_path, tiny_tokenizer, pairs_file, fmt):
+    """data.val_fraction: 0 keeps every pair for training and gives Lightning no validation loader (before the fix:
+    a datasets ValueError from train_test_split(test_size=0.0)); 1 or more is a config error."""
+    from dpo_lightning.errors import ConfigError
+
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    if fmt == "unpaired":
+        rows = [{"prompt": r["prompt"], "completion": r["chosen"], "label": i % 2 == 0} for i, r in enumerate(rows)]
+    dm = _dm(write_jsonl(tmp_path / "d.jsonl", rows), tiny_tokenizer, format=fmt, val_fraction=0)
+    dm.setup()
+    assert len(dm.datasets["train"]) == len(rows) and len(dm.datasets["val"]) == 0
+    assert dm.val_dataloader() == [] and dm.report["pairs"]["val"] == 0
+    with pytest.raises(ConfigError, match=r"data.val_fraction must be in \[0, 1\)"):
+        _dm(pairs_file, tiny_tokenizer, val_fraction=1.0)

@@ -5,10 +5,10 @@ import json
 import pytest
 import yaml
 
+from dpo_lightning.audit import main as audit_main
 from dpo_lightning.data import cache as data_cache
 from dpo_lightning.data import tokenize as data_tokenize
-from dpo_lightning.data.audit import main as audit_main
-from dpo_lightning.data.tokenize import tokenizer_fingerprint
+from dpo_lightning.data.cache import tokenizer_fingerprint
 from dpo_lightning.errors import DataError
 from dpo_lightning.tokenizer import train_bpe_tokenizer
 
@@ -154,7 +154,7 @@ def test_audit_reports_bad_records_that_would_stop_fit(tmp_path, capsys):
     config = _config(tmp_path, {"train_files": str(path), "on_bad_row": "error"})
     assert audit_main(["--config", config, "--out", str(tmp_path / "out")]) == 1
     out = capsys.readouterr().out
-    assert f"e.g. {path}, record 20, field 'chosen': field 'chosen' is empty" in out
+    assert f"e.g. {path}, line 21, field 'chosen': field 'chosen' is empty" in out
     assert "1 bad train records stop fit (data.on_bad_row: error)" in out
 
 

@@ -10,7 +10,7 @@ from dpo_lightning.errors import DataError
 from fixtures.data_cases import chat_rows, explicit_rows, hh_rows
 from helpers import make_datamodule
 
-BAD_AT = 2  # the bad record's position: record 2 of 5 (line 3)
+BAD_AT = 2  # the bad record's position: the third of 5 records, named "line 3" as an editor and `sed -n 3p` do
 
 
 def _line(row) -> bytes:
@@ -84,11 +84,11 @@ def test_bad_record_stops_setup_naming_file_record_and_field(tmp_path, tiny_toke
     with pytest.raises(DataError) as err:
         _dm(path, tiny_tokenizer, format=fmt).setup()
     message = str(err.value)
-    assert message.startswith(f"{path}, record {BAD_AT}")
+    assert message.startswith(f"{path}, line {BAD_AT + 1}")
     if field:
         assert f", field {field!r}:" in message
-    else:  # unreadable lines name the line instead of a field
-        assert f"line {BAD_AT + 1}" in message
+    else:  # unreadable lines have no field, and the line is named once
+        assert ", field" not in message and message.count("line ") == 1
     assert f"({kind}: 1)" in message and "data.on_bad_row=skip" in message
     assert "\n" not in message and len(message) < 600, "one short paragraph"
 
@@ -103,7 +103,7 @@ def test_bad_record_is_skipped_and_counted(tmp_path, tiny_tokenizer, case):
     audit = dm.report["splits"]["train"]
     assert audit["records"] == 5 and audit["bad_records"] == 1
     example = audit["bad_by_kind"][kind]["examples"][0]
-    assert example["where"] == f"{path}, record {BAD_AT}" and example["field"] == (field or "")
+    assert example["where"] == f"{path}, line {BAD_AT + 1}" and example["field"] == (field or "")
     assert dm.report["violations"] == []
 
 
@@ -117,7 +117,7 @@ def test_bad_row_rate_threshold_fails_fast(tmp_path, tiny_tokenizer):
 def test_type_clash_in_auto_format_is_a_bad_record_not_a_crash(tmp_path, tiny_tokenizer):
     """A number where other records hold strings makes pyarrow read the column as JSON; the record is reported."""
     path, *_ = _write(tmp_path, "wrong_type_number")
-    with pytest.raises(DataError, match=r"record 2, field 'chosen': field 'chosen' should be a string, got int"):
+    with pytest.raises(DataError, match=r"line 3, field 'chosen': field 'chosen' should be a string, got int"):
         _dm(path, tiny_tokenizer).setup()
 
 
@@ -151,7 +151,7 @@ def test_bad_record_in_second_file_of_a_folder_names_that_file(tmp_path, tiny_to
     (folder / "b.jsonl").write_bytes(_line(explicit_rows(1)[0]) + b"{oops\n")
     with pytest.raises(DataError) as err:
         _dm(folder, tiny_tokenizer, format="explicit").setup()
-    assert str(err.value).startswith(f"{folder / 'b.jsonl'}, record 1") and "line 2" in str(err.value)
+    assert str(err.value).startswith(f"{folder / 'b.jsonl'}, line 2: not valid JSON")
 
 
 def test_unknown_column_mapping_names_the_columns_there_are(tmp_path, tiny_tokenizer):
@@ -162,3 +162,31 @@ def test_unknown_column_mapping_names_the_columns_there_are(tmp_path, tiny_token
     dm = _dm(path, tiny_tokenizer, columns={"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"})
     with pytest.raises(ConfigError, match=r"maps to column 'instruction', which is not there; the columns are prompt"):
         dm.setup()
+
+
+def test_bad_records_are_named_as_an_editor_counts(tmp_path, tiny_tokenizer):
+    """1-based everywhere, one number per message: the JSONL line as `sed -n Np` prints it (blank lines counted),
+    the row of a CSV (the header not counted) or Parquet file, the record of a JSON document; in the error of
+    on_bad_row: error and in the audit's examples alike (CSV reads "" as null: missing_field there)."""
+    import datasets
+
+    rows = explicit_rows(5)
+    bad = dict(rows[3], chosen="")  # the fourth record
+    jsonl = tmp_path / "blank_lines.jsonl"
+    jsonl.write_bytes(b"\n" + b"".join(_line(r) for r in rows[:3]) + b"\n" + _line(bad) + _line(rows[4]))
+    assert jsonl.read_text().splitlines()[6 - 1] == json.dumps(bad)  # `sed -n 6p`: the bad record is line 6
+    datasets.Dataset.from_list([*rows[:3], bad, rows[4]]).to_csv(str(tmp_path / "t.csv"), index=False)
+    datasets.Dataset.from_list([*rows[:3], bad, rows[4]]).to_parquet(str(tmp_path / "t.parquet"))
+    (tmp_path / "doc.json").write_text(json.dumps([*rows[:3], bad, rows[4]], indent=1))
+    for path, where in (
+        (jsonl, "line 6"),
+        (tmp_path / "t.csv", "row 4"),
+        (tmp_path / "t.parquet", "row 4"),
+        (tmp_path / "doc.json", "record 4"),
+    ):
+        with pytest.raises(DataError) as err:
+            _dm(path, tiny_tokenizer, format="explicit").setup()
+        assert str(err.value).startswith(f"{path}, {where}, field 'chosen': field 'chosen' is "), err.value
+    dm = _dm(jsonl, tiny_tokenizer, format="explicit", on_bad_row="skip")
+    dm.setup()
+    assert dm.report["splits"]["train"]["bad_by_kind"]["empty_response"]["examples"][0]["where"] == f"{jsonl}, line 6"

@@ -66,5 +66,15 @@ def test_bad_record_fails_fit_with_one_clear_line(tmp_path):
     data.write_text("\n".join(lines) + "\n")
     result = _fit(tmp_path, data, "--data.format", "explicit", "--data.on_bad_row", "error")
     assert result.returncode == 2
-    assert f"dpo-lightning: error: {data}, record 3: line 4 is not valid JSON" in result.stderr
+    assert f"dpo-lightning: error: {data}, line 4: not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fit_without_a_validation_split(tmp_path):
+    """data.val_fraction: 0 trains with no validation loop (before the fix: a datasets ValueError traceback)."""
+    data = write_jsonl(tmp_path / "p.jsonl", explicit_rows(24))
+    result = _fit(tmp_path, data, "--data.format", "explicit", "--data.val_fraction", "0")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train/loss") for r in rows) and not any(r.get("val/loss") for r in rows)

@@ -237,4 +237,4 @@ def test_sources_folder_parquet_csv_gzip_json_array_and_dataset_spec(tmp_path, t
         )
     assert all(r == results[0] for r in results) and len(results[0]) == 40
     dm = _dm(folder, tiny_tokenizer)
-    assert dm.source("train").where(31) == f"{folder / 'c.csv'}, record 1"
+    assert dm.source("train").where(31) == f"{folder / 'c.csv'}, row 2"  # 1-based, the header not counted

@@ -121,8 +121,8 @@ def test_unpaired_bad_record_stops_setup_naming_file_record_and_field(tmp_path, 
     with pytest.raises(DataError) as err:
         _dm(path, tiny_tokenizer, format="unpaired").setup()
     message = str(err.value)
-    assert message.startswith(f"{path}, record {BAD_AT}")
-    assert (f", field {field!r}:" in message) if field else (f"line {BAD_AT + 1}" in message)
+    assert message.startswith(f"{path}, line {BAD_AT + 1}")  # 1-based, as an editor counts
+    assert (f", field {field!r}:" in message) if field else (", field" not in message)
     assert f"({kind}: 1)" in message and "data.on_bad_row=skip" in message
 
 
@@ -138,22 +138,20 @@ def test_unpaired_bad_record_is_skipped_counted_and_audited(tmp_path, tiny_token
     audit = dm.report["splits"]["train"]
     assert audit["records"] == 9 and audit["bad_records"] == 1 and audit["rows"] == 8
     example = audit["bad_by_kind"][kind]["examples"][0]
-    assert example["where"] == f"{path}, record {BAD_AT}" and example["field"] == (field or "")
+    assert example["where"] == f"{path}, line {BAD_AT + 1}" and example["field"] == (field or "")
 
 
 def test_unpair_bad_pair_is_named_by_its_record_not_its_row(tmp_path, tiny_tokenizer):
     """With data.unpair a record makes two rows, so row positions are not record numbers: the error must name
-    the record (record 3, after records 0..2 made rows 0..5)."""
+    the record (the fourth, line 4, after the first three made rows 0..5)."""
     pairs = _pairs(6)
     pairs[3]["rejected"] = pairs[3]["chosen"]
     path = _write(tmp_path / "pairs.jsonl", pairs)
-    with pytest.raises(DataError, match=rf"^{path}, record 3, field 'chosen'.*\(identical_responses: 1\)"):
+    with pytest.raises(DataError, match=rf"^{path}, line 4, field 'chosen'.*\(identical_responses: 1\)"):
         _dm(path, tiny_tokenizer, unpair=True).setup()
     dm = _dm(path, tiny_tokenizer, unpair=True, on_bad_row="skip")
     dm.setup()
-    assert dm.report["splits"]["train"]["bad_by_kind"]["identical_responses"]["examples"][0]["where"].endswith(
-        "record 3"
-    )
+    assert dm.report["splits"]["train"]["bad_by_kind"]["identical_responses"]["examples"][0]["where"].endswith("line 4")
     assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == 2 * 5
 
 

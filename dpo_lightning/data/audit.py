@@ -2,14 +2,16 @@
 
     dpo-lightning audit --config experiments/tiny_cpu.yaml [--data.max_length 256 ...] [--out DIR]
 
-Reads the same config as ``fit`` (its ``data:`` and ``run:`` sections; other sections are ignored), prepares the
-data exactly as ``fit`` would (same tokenizer, same cache), prints a report and writes ``<run.dir or --out>/
-data_audit.json`` and ``data_lengths.png``: record counts per split, bad records by kind with examples, token
-length percentiles of prompt/chosen/rejected, truncation rates (chosen and rejected separately), pairs
-identical after truncation, responses left without EOS, the chosen-minus-rejected length gap (DPO learns
-length when chosen answers are systematically longer), and the padding fraction of the training batches with
-and without length grouping. ``fit`` builds the same report at setup, writes ``data_audit.json`` into the run
-folder and stops when a ``data.max_*_rate`` threshold is crossed; ``audit`` reports them and exits with 1.
+The command (``dpo_lightning/audit.py``) prepares the data exactly as ``fit`` would (same tokenizer, same cache)
+and prints and writes this module's report, ``data_audit.json`` and ``data_lengths.png``: record counts per
+split, bad records by kind with examples (named by 1-based line or row, as ``sources.Source.where`` names them),
+token length percentiles of prompt/chosen/rejected, truncation rates (chosen and rejected separately), pairs
+identical after truncation, responses left without EOS, pairs whose tokenizer merged a token across the
+prompt/response boundary (``boundary_merges``: that token is scored as response, see ``tokenize``), the
+chosen-minus-rejected length gap (DPO learns length when chosen answers are systematically longer), and the
+padding fraction of the training batches with and without length grouping. ``fit`` builds the same report at
+setup, writes ``data_audit.json`` into the run folder and stops when a ``data.max_*_rate`` threshold is crossed;
+``audit`` reports them and exits with 1.
 
 For unpaired rows (``data.format: unpaired`` or ``data.unpair``; KTO) the report counts rows instead of pairs and
 has prompt/completion lengths (and the completions of desirable and undesirable rows apart), the share of
@@ -22,8 +24,6 @@ from __future__ import annotations
 
 import collections
 import json
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from dpo_lightning.data.sampler import padding_fraction, unpaired_padding_fracti
 
 PERCENTILES = (50, 90, 99)
 EXAMPLES_PER_KIND = 3
-KEEP_SECTIONS = ("data", "run")  # of a fit config, what the audit reads
+BOUNDARY_LINE = "  token merged across the prompt/response boundary (scored as response): {} {}"
 
 
 def collect_bad_rows(
@@ -64,6 +64,12 @@ def _lengths(values: np.ndarray) -> dict[str, float]:
     out["max"] = int(values.max())
     out["mean"] = round(float(values.mean()), 1)
     return out
+
+
+def boundary_merges(stats: dict[str, np.ndarray]) -> int:
+    """Pairs (rows) where the tokenizer merged a token across the prompt/response boundary, so the token across it
+    was given to the response (``tokenize.joint_ids``)."""
+    return int((stats["boundary_moved"] > 0).sum())
 
 
 def unpaired_split_report(dm: Any, split: str) -> dict[str, Any]:
@@ -103,6 +109,7 @@ def unpaired_split_report(dm: Any, split: str) -> dict[str, Any]:
         "identical_after_truncation": int(dm.identical[split]),
         "identical_dropped": bool(dm.drop_identical),
         "missing_eos": {"completion": int((stats["completion_len"] < stats["completion_tokens"]).sum())},
+        "boundary_merges": boundary_merges(stats),
         "length_gap": {
             "mean": round(mean(desirable) - mean(undesirable), 2),
             "desirable_mean": mean(desirable),
@@ -137,6 +144,7 @@ def split_report(dm: Any, split: str) -> dict[str, Any]:
         "missing_eos": {
             part: int((stats[f"{part}_len"] < stats[f"{part}_tokens"]).sum()) for part in ("chosen", "rejected")
         },
+        "boundary_merges": boundary_merges(stats),
         "length_gap": {
             "mean": round(float(gap.mean()), 2) if pairs else 0.0,
             "median": float(np.median(gap)) if pairs else 0.0,
@@ -223,6 +231,8 @@ def summary_line(report: dict[str, Any]) -> str:
     if train["identical_after_truncation"]:
         verb = "dropped" if train["identical_dropped"] else "kept"
         parts.append(f"{train['identical_after_truncation']} {unit} identical after truncation ({verb})")
+    if train["boundary_merges"]:
+        parts.append(f"{train['boundary_merges']} {unit} with a token merged across the prompt/response boundary")
     pad = report["padding"]
     parts.append(f"padding {pad['grouped']:.1%} grouped by length vs {pad['random']:.1%} random")
     if train["from_cache"]:
@@ -251,6 +261,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  truncated: prompt {t['prompt']:.1%}, chosen {t['chosen']:.1%}, rejected {t['rejected']:.1%}")
         e = r["missing_eos"]
         lines.append(f"  responses without EOS (cut at max_length): chosen {e['chosen']}, rejected {e['rejected']}")
+        lines.append(BOUNDARY_LINE.format(r["boundary_merges"], "pairs"))
         verb = "dropped" if r["identical_dropped"] else "kept"
         lines.append(f"  identical after truncation (zero gradient): {r['identical_after_truncation']} ({verb})")
         g = r["length_gap"]
@@ -292,6 +303,7 @@ def _unpaired_lines(split: str, r: dict[str, Any]) -> list[str]:
     t = r["truncation_rate"]
     lines.append(f"  truncated: prompt {t['prompt']:.1%}, completion {t['completion']:.1%}")
     lines.append(f"  completions without EOS (cut at max_length): {r['missing_eos']['completion']}")
+    lines.append(BOUNDARY_LINE.format(r["boundary_merges"], "rows"))
     verb = "dropped" if r["identical_dropped"] else "kept"
     lines.append(f"  rows identical after truncation (a pair's two rows): {r['identical_after_truncation']} ({verb})")
     g = r["length_gap"]
@@ -337,64 +349,3 @@ def write_report(report: dict[str, Any], out_dir: str | Path, stats: dict[str, n
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
-
-
-def _filtered_config(path: str) -> str:
-    """A fit config reduced to the sections the audit reads, as a YAML string for jsonargparse."""
-    import yaml
-
-    from dpo_lightning.errors import ConfigError
-
-    try:
-        config = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"--config {path}: cannot be read ({err})") from None
-    return yaml.safe_dump({k: v for k, v in config.items() if k in KEEP_SECTIONS})
-
-
-def parse_args(argv: list[str]) -> Any:
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from dpo_lightning.cli import RunConfig
-    from dpo_lightning.data.datamodule import PreferenceDataModule
-
-    parser = ArgumentParser(prog="dpo-lightning audit", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="the fit config (repeatable; data/run sections)")
-    parser.add_class_arguments(PreferenceDataModule, "data")
-    parser.add_class_arguments(RunConfig, "run")
-    parser.add_argument("--out", type=str | None, default=None, help="where to write (default: run.dir)")
-    args, i = [], 0
-    while i < len(argv):
-        word = argv[i]
-        if word == "--config" and i + 1 < len(argv):
-            args += ["--config", _filtered_config(argv[i + 1])]
-            i += 2
-            continue
-        args.append(f"--config={_filtered_config(word[9:])}" if word.startswith("--config=") else word)
-        i += 1
-    config = parser.parse_args(args)
-    return parser.instantiate(config), config
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``dpo-lightning audit``: print and write the report; exit 1 when a configured threshold is crossed."""
-    init, config = parse_args(list(sys.argv[1:] if argv is None else argv))
-    dm = init.data
-    dm.prepare(enforce_thresholds=False)
-    report = dm.report
-    print(format_report(report))
-    run = config.run
-    out = config.out or run.dir or f"runs/{run.name or 'data'}-audit-{time.strftime('%Y%m%d-%H%M%S')}"
-    paths = write_report(report, out, dm.stats.get("train"))
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 1 if report["violations"] else 0
-
-
-if __name__ == "__main__":
-    from dpo_lightning.errors import UserError
-
-    try:
-        sys.exit(main())
-    except UserError as err:
-        print(f"dpo-lightning audit: error: {err}", file=sys.stderr)
-        sys.exit(2)

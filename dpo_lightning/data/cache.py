@@ -1,7 +1,7 @@
 """Caches that make a second run with the same data and settings skip the slow steps.
 
 - Tokenized datasets are cached by ``datasets`` itself: the map is given a fingerprint built from the raw data's
-  fingerprint, the tokenizer's (``tokenize.tokenizer_fingerprint``) and every setting that changes the ids
+  fingerprint, the tokenizer's (``tokenizer_fingerprint``) and every setting that changes the ids
   (``PreferenceDataModule._tokenize_fingerprint``), so a run with the same three reuses the cache file and a
   change in any of them tokenizes again.
 - A tokenizer trained on the data (``data.tokenizer: null``) is cached here, keyed by the training data's
@@ -25,6 +25,19 @@ from datasets.fingerprint import Hasher
 from dpo_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 TOKENIZER_VERSION = 1  # bump when train_bpe_tokenizer changes, to retire cached tokenizers
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything about a tokenizer that changes its ids: vocabulary, merges, normalisation,
+    special tokens, chat template. Two loads of the same tokenizer directory hash equal."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [
+        type(tokenizer).__name__,
+        backend.to_str() if backend is not None else Hasher.hash(tokenizer),
+        [getattr(tokenizer, f"{name}_token", None) for name in ("bos", "eos", "pad", "unk")],
+        getattr(tokenizer, "chat_template", None),
+    ]
+    return Hasher.hash(parts)
 
 
 def cache_dir(*parts: str) -> Path:

@@ -109,6 +109,10 @@ class ChatRenderer:
     def _turn(self, message: Mapping[str, str]) -> str:
         return self.plain_turn.format(role=message["role"].capitalize(), content=message["content"])
 
+    def parse(self, row: Mapping[str, Any], max_chars: int | None = None) -> tuple[str, str, str]:
+        """A conversational row -> (prompt, chosen, rejected) text (``parse_chat`` with this renderer)."""
+        return parse_chat(row, self, max_chars)
+
     def render(self, prompt: list[dict[str, str]], response: list[dict[str, str]]) -> tuple[str, str]:
         if self.template is None:
             head = self.plain_turn.split("{content}")[0].format(role="Assistant")

@@ -53,8 +53,8 @@ from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from dpo_lightning.data import chat, formats, tokenize
-from dpo_lightning.data.cache import cached_bpe_tokenizer
+from dpo_lightning.data import audit, chat, formats, tokenize
+from dpo_lightning.data.cache import cached_bpe_tokenizer, tokenizer_fingerprint
 from dpo_lightning.data.chat import PLAIN_TURN, ChatRenderer
 from dpo_lightning.data.formats import UNPAIRED, FormatName, apply_columns, detect_format, make_parser
 from dpo_lightning.data.sampler import PreferenceSampler, ResumableDataLoader
@@ -67,7 +67,6 @@ from dpo_lightning.data.tokenize import (
     PairCollator,
     TruncationMode,
     UnpairedCollator,
-    tokenizer_fingerprint,
 )
 from dpo_lightning.errors import ConfigError, DataError
 from dpo_lightning.tokenizer import load_tokenizer
@@ -116,7 +115,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             train_files: file(s) or folder(s) of JSONL/JSON/Parquet/CSV (gzip too), or ``load_dataset`` kwargs
                 of a hub dataset, e.g. ``{path: Anthropic/hh-rlhf, data_dir: harmless-base, split: test}``.
             val_files: validation data, same forms; when absent, ``val_fraction`` of the training pairs is held out.
-            val_fraction: fraction held out for validation (seeded) when there are no ``val_files``.
+            val_fraction: fraction held out for validation (seeded) when there are no ``val_files``; 0 holds
+                nothing out and turns validation off (no validation loop).
             format: ``explicit`` ({prompt, chosen, rejected} strings), ``hh`` (HH-RLHF transcripts), ``chat``
                 (message lists), ``unpaired`` ({prompt, completion, label} rows, label true/1 = desirable; for
                 KTO) or ``auto`` (from the column names and types).
@@ -163,6 +163,8 @@ class PreferenceDataModule(pl.LightningDataModule):
                 f"data.max_prompt_length ({max_prompt_length}) must be smaller than data.max_length "
                 f"({max_length}), or responses would be cut to nothing"
             )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1) (0: no validation split), got {val_fraction}")
         if not 0.0 <= label_noise <= 1.0:
             raise ConfigError(f"data.label_noise must be in [0, 1], got {label_noise}")
         for key, rate in (
@@ -228,7 +230,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             if split == "train" and self.max_rows is not None:
                 source.dataset = source.dataset.select(range(min(self.max_rows, len(source.dataset))))
             try:
-                source.dataset = apply_columns(source.dataset, self.columns, source.where(0).split(",")[0])
+                source.dataset = apply_columns(source.dataset, self.columns, source.file())
             except ValueError as err:
                 raise ConfigError(str(err)) from None
             self._sources[split] = source
@@ -251,7 +253,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         try:
             return detect_format(source.dataset.column_names, source.dataset.features)
         except ValueError as err:
-            raise DataError(f"{source.where(0).split(',')[0]}: {err}") from None
+            raise DataError(f"{source.file()}: {err}") from None
 
     @property
     def unpaired(self) -> bool:
@@ -271,8 +273,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         """The collate function of this data: ``UnpairedCollator`` for unpaired rows (mismatched rows cut at
         ``max_length`` as rows are), else ``PairCollator``."""
         if self.unpaired:
+            tok = self.tokenizer
             return UnpairedCollator(
-                self.tokenizer.pad_token_id, self.max_length, self.max_prompt_length, self.truncation_mode
+                tok.pad_token_id, self.max_length, self.max_prompt_length, self.truncation_mode, tok.bos_token_id
             )
         return PairCollator(self.tokenizer.pad_token_id)
 
@@ -312,8 +315,6 @@ class PreferenceDataModule(pl.LightningDataModule):
         )
         self.from_cache[split] = calls[0] == 0
         self.rows[split] = len(raw)
-        from dpo_lightning.data import audit  # imported here: audit.py runs as `python -m` too
-
         bad, self.skipped[split], self.bad_rows[split] = audit.collect_bad_rows(tokenized, source.where)
         if bad and self.on_bad_row == "error" and enforce:
             summary = ", ".join(f"{k}: {n}" for k, n in self.skipped[split].most_common())
@@ -335,7 +336,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             tokenized = tokenized.select(np.flatnonzero(~self.stats[split]["identical"]))
         if len(tokenized) == 0:
             raise DataError(
-                f"{source.where(0).split(',')[0]}: no usable {'rows' if unpaired else 'pairs'} in {split} "
+                f"{source.file()}: no usable {'rows' if unpaired else 'pairs'} in {split} "
                 f"({len(raw)} records, "
                 f"{len(bad)} bad, {len(identical)} identical after truncation)"
             )
@@ -363,8 +364,6 @@ class PreferenceDataModule(pl.LightningDataModule):
                 "data.batch_size 1 with unpaired rows: a batch has no other completion to mismatch with, so the "
                 "KL reference point (KTO's z0) is estimated from each row's own completion; use data.batch_size >= 2"
             )
-        from dpo_lightning.data import audit
-
         self.report = audit.build_report(self)
         rank_zero_info(audit.summary_line(self.report))
         crossed = audit.violations(self.report)
@@ -382,9 +381,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             # the run folder as Trainer.log_dir finds it, without its broadcast (a collective only rank 0 would join)
             logger = trainer.loggers[0]
             if folder := getattr(logger, "log_dir", None) or logger.save_dir:
-                from dpo_lightning.data.audit import write_report
-
-                write_report(self.report, folder, self.stats.get("train"))
+                audit.write_report(self.report, folder, self.stats.get("train"))
 
     # ---------------------------------------------------------------- loaders
     def pair_lengths(self, split: str = "train") -> np.ndarray:
@@ -441,7 +438,11 @@ class PreferenceDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation loader; none (an empty list, so Lightning runs no validation loop) when the split is empty
+        (``val_fraction: 0`` without ``val_files``)."""
+        if self.datasets and len(self.datasets["val"]) == 0:
+            return []
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:

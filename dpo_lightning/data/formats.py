@@ -164,13 +164,12 @@ PARSERS: dict[str, Parser] = {"explicit": parse_explicit, "hh": parse_hh, UNPAIR
 
 
 def make_parser(fmt: str, *, renderer: Any = None, max_chars: int | None = None) -> Parser:
-    """The row parser of a format; ``chat`` needs a ``chat.ChatRenderer``."""
+    """The row parser of a format; ``chat`` needs a ``chat.ChatRenderer``, whose ``parse`` it calls (this module
+    does not import ``chat``, which builds on it)."""
     if fmt == "chat":
-        from dpo_lightning.data.chat import parse_chat
-
         if renderer is None:
             raise ValueError("the chat format needs a ChatRenderer")
-        return lambda row: parse_chat(row, renderer, max_chars=max_chars)
+        return lambda row: renderer.parse(row, max_chars=max_chars)
     if fmt not in PARSERS:
         raise ValueError(f"unknown data format {fmt!r}; use one of auto, {', '.join([*PARSERS, 'chat'])}")
     parse = PARSERS[fmt]

@@ -8,6 +8,10 @@ When pyarrow cannot read a JSON file (a malformed line, bytes that are not UTF-8
 object), the file is scanned line by line: each unreadable record is replaced by a placeholder carrying a
 ``LOAD_ERROR`` (kind, field, message) and the cleaned copy is loaded instead, so record numbers stay those of
 the file and the bad records are reported, or skipped and counted, like any other bad row.
+
+Records are named the way an editor (and ``sed -n 13p``) counts them, from 1: ``file, line 13`` in JSON Lines
+(blank lines counted, as the file holds them), ``file, record 13`` in a JSON document holding a list, and
+``file, row 13`` in CSV (the header not counted) and Parquet files and hub datasets (``Source.where``).
 """
 
 from __future__ import annotations
@@ -79,6 +83,14 @@ def _open_binary(path: Path) -> BinaryIO:
     return opener(path, "rb")
 
 
+def json_lines(raw: bytes) -> list[tuple[int, bytes]] | None:
+    """The records of a JSON Lines file as (1-based line number, line), blank lines skipped as ``datasets`` skips
+    them; ``None`` for a JSON document holding a list of records."""
+    if raw.lstrip()[:1] == b"[":
+        return None
+    return [(number, line) for number, line in enumerate(raw.split(b"\n"), start=1) if line.strip()]
+
+
 def scan_json(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
     """Read a JSON/JSONL file record by record: (one JSON text per record, [(record, problem)]).
 
@@ -86,7 +98,8 @@ def scan_json(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
     """
     with _open_binary(path) as f:
         raw = f.read()
-    if raw.lstrip()[:1] == b"[":  # one JSON document holding a list of records
+    numbered = json_lines(raw)
+    if numbered is None:  # one JSON document holding a list of records
         try:
             records = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as err:
@@ -98,28 +111,23 @@ def scan_json(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
                 "does not parse cannot be skipped record by record (JSON Lines can)"
             ) from None
         lines = [json.dumps(r) for r in records] if isinstance(records, list) else []
-        line_numbers = list(range(1, len(lines) + 1))
     else:
-        lines, line_numbers = [], []
-        for number, line in enumerate(raw.split(b"\n"), start=1):
-            if line.strip():
-                lines.append(line)
-                line_numbers.append(number)
+        lines = [line for _, line in numbered]
     texts, problems = [], []
-    for record, (line, number) in enumerate(zip(lines, line_numbers, strict=True)):
+    for record, line in enumerate(lines):
         problem = None
         try:
             text = line.decode("utf-8") if isinstance(line, bytes) else line
             value = json.loads(text)
             if not isinstance(value, dict):
-                problem = f"not_an_object\t\tline {number} holds a JSON {type(value).__name__}, not a {{...}} record"
+                problem = f"not_an_object\t\tthe record is a JSON {type(value).__name__}, not a {{...}} object"
         except UnicodeDecodeError as err:
             problem = (
-                f"not_utf8\t\tline {number} has bytes that are not UTF-8 ({line[err.start : err.start + 4]!r} at "
-                f"byte {err.start + 1}); re-encode the file as UTF-8"
+                f"not_utf8\t\tbytes that are not UTF-8 ({line[err.start : err.start + 4]!r} at byte "
+                f"{err.start + 1} of the line); re-encode the file as UTF-8"
             )
         except json.JSONDecodeError as err:
-            problem = f"malformed_json\t\tline {number} is not valid JSON ({err.msg} at column {err.colno})"
+            problem = f"malformed_json\t\tnot valid JSON ({err.msg} at column {err.colno})"
         if problem:
             problems.append((record, problem))
             text = json.dumps({LOAD_ERROR: problem})
@@ -195,6 +203,7 @@ class Source:
 
     def __init__(self, spec: str | list[str] | dict[str, Any], what: str, hub_fallback: dict[str, Any] | None = None):
         self.offsets: list[tuple[int, str]] = []  # (first global row, file name)
+        self._lines: dict[str, list[int] | None] = {}  # JSON Lines file -> line number of each record
         if isinstance(spec, dict):
             self.dataset = load_hub(spec, what)
             self.offsets = [(0, f"hub:{spec.get('path')}")]
@@ -241,7 +250,26 @@ class Source:
             cast.append(part)
         return datasets.concatenate_datasets(cast)
 
+    def file(self, row: int = 0) -> str:
+        """The file (or ``hub:<name>``) holding a global row."""
+        return self._part(row)[1]
+
     def where(self, row: int) -> str:
-        """'file, record N' for a global row number (N counts from 0 within the file)."""
-        start, name = max((o for o in self.offsets if o[0] <= row), key=lambda o: o[0])
-        return f"{name}, record {row - start}"
+        """A global row number named as an editor counts, from 1: 'file, line N' in JSON Lines, 'file, record N' in
+        a JSON document (a list), 'file, row N' in CSV (after the header), Parquet and hub datasets."""
+        start, name = self._part(row)
+        n = row - start  # 0-based within the file
+        if name.startswith("hub:") or _builder(Path(name)) != "json":
+            return f"{name}, row {n + 1}"
+        if name not in self._lines:
+            try:
+                with _open_binary(Path(name)) as f:
+                    numbered = json_lines(f.read())
+                self._lines[name] = None if numbered is None else [number for number, _ in numbered]
+            except (OSError, DataError):  # a .zst file, or gone since: count records instead
+                self._lines[name] = None
+        lines = self._lines[name]
+        return f"{name}, line {lines[n]}" if lines is not None and n < len(lines) else f"{name}, record {n + 1}"
+
+    def _part(self, row: int) -> tuple[int, str]:
+        return max((o for o in self.offsets if o[0] <= row), key=lambda o: o[0])

@@ -6,6 +6,8 @@
   ``data.unpair`` makes both unpaired); else a ``DataError``.
 - Without, ``hold_out`` draws a seeded ``val_fraction`` for validation: of the pairs, or for unpaired rows of
   the source records (``split_by_record``), so the two rows of one pair (``data.unpair``) never straddle it.
+  ``val_fraction: 0`` holds nothing out: the validation split is empty and the data module gives Lightning no
+  validation loader (no validation loop).
 - ``label_noise`` corrupts a seeded fraction of the training data (never validation): ``flip_pair_labels``
   swaps chosen and rejected of pairs; ``flip_unpaired_labels`` flips the label of the rows of records (with
   ``unpair``: both rows of the pair, the same noise as swapping chosen and rejected).
@@ -44,7 +46,10 @@ def check_same_kind(formats: dict[str, str], unpair: bool) -> None:
 def hold_out(
     data: datasets.Dataset, val_fraction: float, seed: int, unpaired: bool
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, val): a seeded ``val_fraction`` of the pairs, or of the records of unpaired rows, goes to val."""
+    """(train, val): a seeded ``val_fraction`` of the pairs, or of the records of unpaired rows, goes to val
+    (``val_fraction`` 0: all of it to train, val empty)."""
+    if val_fraction == 0:
+        return data, data.select([])
     if unpaired:
         return split_by_record(data, val_fraction, seed)
     split = data.train_test_split(test_size=val_fraction, seed=seed)

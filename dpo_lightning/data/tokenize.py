@@ -1,13 +1,27 @@
 """Tokenize preference pairs (or unpaired rows) and collate them into one concatenated batch.
 
-Prompt and responses are tokenized separately and then concatenated, so the boundary between them is exact
-(tokenizing ``prompt + response`` as one string can merge the last prompt token with the first response
-token, and the response would bleed into the prompt). The prompt gets the tokenizer's own special tokens (a
-BOS for tokenizers that use one, never a trailing EOS, and one BOS even when a chat template already wrote
-one); each response gets none, and then exactly one EOS at its end.
+Response tokens are those of the whole text: ``prompt + response`` (or the rendered chat) is tokenized as one
+string and cut at the prompt/response boundary (``joint_ids``). Tokenizing a response on its own is wrong for
+SentencePiece/Metaspace tokenizers (Llama 2, Mistral, Gemma give it a dummy "▁" prefix it never has in context:
+"\\n" + "Sure" is ``\\n``, ``Sure`` in context but ``▁Sure`` alone) and for any tokenizer whose pieces depend on
+the text around them. The boundary, one documented rule for every family:
+
+- the prompt's ids are the longest prefix that the prompt's own tokenization shares with the joint
+  tokenizations of all its responses (chosen and rejected share it); the rest of each joint tokenization is
+  that response. Where a tokenizer merges across the boundary ("Hello wor" + "ld" -> `` world``), the token
+  across it goes to the response (it is scored), and the number of prompt tokens so moved is kept per pair
+  (``boundary_moved``, counted by the audit), so prompt + response ids always equal the joint tokenization;
+- BOS exactly once: the tokenizer's own special tokens lead (a BOS for tokenizers that add one), and a chat
+  template that writes ``{{ bos_token }}`` as well does not make it two;
+- a prompt with no tokens (an empty prompt with a tokenizer that adds no BOS, like GPT-2's or Qwen's) becomes
+  one token, the BOS, or the EOS where there is no BOS (GPT-2 separates documents with it), so that something
+  predicts the first response token and every response token is scored;
+- each response ends with exactly one EOS (one written in the text, or added by the tokenizer, is not doubled);
+- ``keep_end`` prompt truncation keeps a leading BOS (``truncate_pair``).
 
 Unpaired rows (``data.format: unpaired``, or pairs split by ``data.unpair``; for KTO) are tokenized the same way
-by ``tokenize_unpaired_rows`` (the completion is a response) and collated by ``UnpairedCollator``.
+by ``tokenize_unpaired_rows`` (the completion is a response; the two rows of a pair share the pair's prompt
+ids) and collated by ``UnpairedCollator``.
 """
 
 from __future__ import annotations
@@ -17,7 +31,6 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from datasets.fingerprint import Hasher
 
 from dpo_lightning.data.formats import BadRow
 from dpo_lightning.logps import IGNORE_INDEX
@@ -32,6 +45,7 @@ STAT_COLUMNS = (
     "chosen_len",
     "rejected_len",
     "identical",  # chosen == rejected after truncation: zero gradient
+    "boundary_moved",  # prompt tokens merged across the boundary into the responses (joint_ids)
 )
 # per-row statistics of unpaired rows: the completion takes the place of both responses
 UNPAIRED_STAT_COLUMNS = (
@@ -40,40 +54,81 @@ UNPAIRED_STAT_COLUMNS = (
     "prompt_len",  # after truncation
     "completion_len",
     "identical",  # data.unpair only: the pair's two rows are identical after truncation (opposite labels, same text)
+    "boundary_moved",  # prompt tokens merged across the boundary into the completion (joint_ids)
 )
 BAD_COLUMNS = ("bad_kind", "bad_field", "bad_message")
 
 
 def prompt_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt with the tokenizer's leading special tokens (BOS), never a trailing EOS.
+    """Token ids of each prompt on its own with the tokenizer's leading special tokens (BOS), never a trailing EOS
+    (what a generation prompt is; pairs and rows cut their prompt from the joint tokenization, ``joint_ids``).
 
     A prompt whose text already starts with the BOS token (chat templates often write ``{{ bos_token }}``)
     would get a second one from the tokenizer; one is dropped.
     """
-    ids = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id
     out = []
-    for seq in ids:
-        if eos is not None and seq and seq[-1] == eos and (eos != bos or len(seq) > 1):
+    for seq in _encode(tokenizer, prompts):
+        if eos is not None and seq and seq[-1] == eos and (eos != tokenizer.bos_token_id or len(seq) > 1):
             seq = seq[:-1]
+        out.append(seq)
+    return out
+
+
+def response_ids(tokenizer: Any, responses: list[str]) -> list[list[int]]:
+    """Token ids of each text tokenized on its own, no special tokens, then exactly one EOS. Right only for a text
+    that nothing precedes in a byte-level tokenizer; a response that follows a prompt takes ``joint_ids``."""
+    eos = _eos(tokenizer)
+    return [
+        _strip_eos(seq, eos) + [eos]
+        for seq in tokenizer(responses, add_special_tokens=False, verbose=False)["input_ids"]
+    ]
+
+
+def joint_ids(
+    tokenizer: Any, prompts: list[str], responses: list[list[str]]
+) -> list[tuple[list[int], list[list[int]], int]]:
+    """Per prompt and its responses (one, or chosen and rejected): (prompt ids, each response's ids ending in one
+    EOS, prompt tokens the boundary moved into the responses). ``prompt ids + response ids`` is the tokenization of
+    ``prompt + response`` (BOS once, trailing EOS made one); the rule is in the module docstring."""
+    eos = _eos(tokenizer)
+    alone = prompt_ids(tokenizer, prompts)
+    joint = iter(_encode(tokenizer, [p + r for p, rs in zip(prompts, responses, strict=True) for r in rs]))
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    out = []
+    for prompt, rs in zip(alone, responses, strict=True):
+        full = [next(joint) for _ in rs]
+        cut = len(prompt)
+        for seq in full:
+            cut = next(
+                (i for i, (a, b) in enumerate(zip(prompt[:cut], seq, strict=False)) if a != b), min(cut, len(seq))
+            )
+        head = prompt[:cut] or [start]  # an empty prompt: a token that predicts the first response token
+        out.append((head, [_strip_eos(seq[cut:], eos) + [eos] for seq in full], len(prompt) - cut))
+    return out
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Ids with the tokenizer's special tokens, a BOS doubled by a template that writes one too made one."""
+    bos = tokenizer.bos_token_id
+    out = []
+    for seq in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]:
         if bos is not None and len(seq) >= 2 and seq[0] == bos and seq[1] == bos:
             seq = seq[1:]
         out.append(seq)
     return out
 
 
-def response_ids(tokenizer: Any, responses: list[str]) -> list[list[int]]:
-    """Token ids of each response, no special tokens, then exactly one EOS (an EOS written in the text is
-    not doubled)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
+def _eos(tokenizer: Any) -> int:
+    if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set one so responses can be terminated")
-    out = []
-    for seq in tokenizer(responses, add_special_tokens=False, verbose=False)["input_ids"]:
-        while seq and seq[-1] == eos:
-            seq = seq[:-1]
-        out.append(seq + [eos])
-    return out
+    return tokenizer.eos_token_id
+
+
+def _strip_eos(seq: list[int], eos: int) -> list[int]:
+    while seq and seq[-1] == eos:
+        seq = seq[:-1]
+    return seq
 
 
 def truncate_pair(
@@ -84,16 +139,22 @@ def truncate_pair(
     max_length: int,
     max_prompt_length: int,
     truncation_mode: TruncationMode = "keep_end",
+    bos_token_id: int | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
     """Fit prompt + the longer response into ``max_length`` tokens.
 
     First the prompt is cut to ``max_prompt_length`` (``keep_end`` keeps its last tokens, right for dialogue
-    where the last turns matter; ``keep_start`` its first), then, if still too long, both responses are cut at
-    their end to ``max_length − len(prompt)``. A response cut this way loses its EOS, as it should: it did not
-    end there.
+    where the last turns matter, after its first token when that is ``bos_token_id``; ``keep_start`` its first),
+    then, if still too long, both responses are cut at their end to ``max_length − len(prompt)``. A response cut
+    this way loses its EOS, as it should: it did not end there.
     """
     if len(prompt) + max(len(chosen), len(rejected)) > max_length and len(prompt) > max_prompt_length:
-        prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else prompt[:max_prompt_length]
+        if truncation_mode == "keep_start":
+            prompt = prompt[:max_prompt_length]
+        elif bos_token_id is not None and prompt[0] == bos_token_id:
+            prompt = prompt[:1] + prompt[len(prompt) - max_prompt_length + 1 :]
+        else:
+            prompt = prompt[-max_prompt_length:]
     budget = max_length - len(prompt)
     return prompt, chosen[:budget], rejected[:budget]
 
@@ -105,9 +166,11 @@ def truncate_row(
     max_length: int,
     max_prompt_length: int,
     truncation_mode: TruncationMode = "keep_end",
+    bos_token_id: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """``truncate_pair``'s rule for one completion: prompt cut first (to ``max_prompt_length``, only when prompt +
-    completion exceed ``max_length``), then the completion to what is left of ``max_length``."""
+    completion exceed ``max_length``; ``keep_end`` keeps a leading ``bos_token_id``), then the completion to what
+    is left of ``max_length``."""
     prompt, completion, _ = truncate_pair(
         prompt,
         completion,
@@ -115,6 +178,7 @@ def truncate_row(
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         truncation_mode=truncation_mode,
+        bos_token_id=bos_token_id,
     )
     return prompt, completion
 
@@ -152,19 +216,16 @@ def tokenize_rows(
         for column, value in zip(BAD_COLUMNS, bad, strict=True):
             out[column].append(value)
     prompts, chosens, rejecteds = (list(t) for t in zip(*triples, strict=True)) if triples else ([], [], [])
-    p_ids = prompt_ids(tokenizer, prompts)
-    c_ids = response_ids(tokenizer, chosens)
-    r_ids = response_ids(tokenizer, rejecteds)
-    for p, c, r, idx in zip(p_ids, c_ids, r_ids, indices, strict=True):
-        tp, tc, tr = truncate_pair(
-            p, c, r, max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode
-        )
+    encoded = joint_ids(tokenizer, prompts, [[c, r] for c, r in zip(chosens, rejecteds, strict=True)])
+    limits = {"max_length": max_length, "max_prompt_length": max_prompt_length, "truncation_mode": truncation_mode}
+    for (p, (c, r), moved), idx in zip(encoded, indices, strict=True):
+        tp, tc, tr = truncate_pair(p, c, r, **limits, bos_token_id=tokenizer.bos_token_id)
         out["prompt_input_ids"].append(tp)
         out["chosen_input_ids"].append(tc)
         out["rejected_input_ids"].append(tr)
         out["index"].append(idx)
         for column, value in zip(
-            STAT_COLUMNS, (len(p), len(c), len(r), len(tp), len(tc), len(tr), tc == tr), strict=True
+            STAT_COLUMNS, (len(p), len(c), len(r), len(tp), len(tc), len(tr), tc == tr, moved), strict=True
         ):
             out[column].append(value)
     return dict(out)
@@ -220,14 +281,16 @@ def tokenize_unpaired_rows(
     if not units:
         columns = ("prompt_input_ids", "completion_input_ids", "label", "index", "record")
         return {c: [] for c in (*columns, *UNPAIRED_STAT_COLUMNS, *BAD_COLUMNS)}
-    p_ids = prompt_ids(tokenizer, prompts)
-    c_ids = response_ids(tokenizer, [u[1] for u in units])
+    completions: list[list[str]] = [[] for _ in prompts]  # the rows of one record share its prompt ids
+    for unit in units:
+        completions[unit[0]].append(unit[1])
+    encoded = joint_ids(tokenizer, prompts, completions)
+    c_ids = [c for _, cs, _ in encoded for c in cs]  # in the order of units
+    limits = {"max_length": max_length, "max_prompt_length": max_prompt_length, "truncation_mode": truncation_mode}
     truncated = []
     for (prompt_number, _, label, index, record), c in zip(units, c_ids, strict=True):
-        p = p_ids[prompt_number]
-        tp, tc = truncate_row(
-            p, c, max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode
-        )
+        p, _, moved = encoded[prompt_number]
+        tp, tc = truncate_row(p, c, **limits, bos_token_id=tokenizer.bos_token_id)
         truncated.append((tp, tc))
         out["prompt_input_ids"].append(tp)
         out["completion_input_ids"].append(tc)
@@ -237,24 +300,12 @@ def tokenize_unpaired_rows(
         for column, value in zip(UNPAIRED_STAT_COLUMNS[:4], (len(p), len(c), len(tp), len(tc)), strict=True):
             out[column].append(value)
         out["identical"].append(False)
+        out["boundary_moved"].append(moved)
     if unpair:  # the two rows of a pair, next to each other: identical after truncation?
         for j in range(len(units) - 1):
             if units[j][4] == units[j + 1][4] and units[j][2] and truncated[j] == truncated[j + 1]:
                 out["identical"][j] = out["identical"][j + 1] = True
     return dict(out)
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything about a tokenizer that changes its ids: vocabulary, merges, normalisation,
-    special tokens, chat template. Two loads of the same tokenizer directory hash equal."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = [
-        type(tokenizer).__name__,
-        backend.to_str() if backend is not None else Hasher.hash(tokenizer),
-        [getattr(tokenizer, f"{name}_token", None) for name in ("bos", "eos", "pad", "unk")],
-        getattr(tokenizer, "chat_template", None),
-    ]
-    return Hasher.hash(parts)
 
 
 class PairCollator:
@@ -304,7 +355,8 @@ class UnpairedCollator:
 
     A mismatched row can be longer than any row of the data (a long prompt with another row's long completion);
     with ``max_length`` set it is cut by the rule rows are cut by (``truncate_row``: the prompt first, to
-    ``max_prompt_length``, then the completion), so no sequence exceeds ``max_length``.
+    ``max_prompt_length``, keeping a leading ``bos_token_id``, then the completion), so no sequence exceeds
+    ``max_length``.
 
     Output keys: ``input_ids``, ``attention_mask`` and ``labels`` (2B, T), labels with prompt and padding set to
     ``IGNORE_INDEX``; ``desirable`` (B,) bool, the rows' labels; ``index`` (B,) long, the rows' ids.
@@ -316,8 +368,10 @@ class UnpairedCollator:
         max_length: int | None = None,
         max_prompt_length: int | None = None,
         truncation_mode: TruncationMode = "keep_end",
+        bos_token_id: int | None = None,
     ):
         self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
         self.max_length = max_length
         self.max_prompt_length = max_length if max_prompt_length is None else max_prompt_length
         self.truncation_mode = truncation_mode
@@ -335,6 +389,7 @@ class UnpairedCollator:
                     max_length=self.max_length,
                     max_prompt_length=self.max_prompt_length,
                     truncation_mode=self.truncation_mode,
+                    bos_token_id=self.bos_token_id,
                 )
                 for p, c in mismatched
             ]
