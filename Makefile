@@ -8,7 +8,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 # bench: a pinned trl, so `make test` also runs the TRL side-by-side checks (the package itself never imports it)
 EXTRAS ?= dev,reproduce,bench
-STAMP  := $(VENV)/.installed-$(shell echo '$(TORCH) $(EXTRAS)' | tr -c 'a-zA-Z0-9.=\n' '_')
+# wandb's sweep engine, installed without its numpy<2 pin (pyproject.toml lists what it needs)
+SWEEPS_VERSION := 0.3.0
+STAMP  := $(VENV)/.installed-$(shell echo '$(TORCH) $(EXTRAS) sweeps$(SWEEPS_VERSION)' | tr -c 'a-zA-Z0-9.=\n' '_')
 export PYTHONUNBUFFERED := 1
 # offline-first: wandb logs to disk unless the user is logged in or sets WANDB_MODE (see dpo_lightning/cli.py)
 export TOKENIZERS_PARALLELISM ?= false
@@ -27,6 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 	echo '$(TORCH)' > $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt '$(TORCH)'
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[$(EXTRAS)]'
+	$(BIN)/pip install -q --no-deps 'sweeps==$(SWEEPS_VERSION)'  # wandb's sweep engine; its deps come with the package
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: install  ## fast test suite (no `slow` tests), hermetic (caches in a temp folder), < 8 min on 2 CPU cores
@@ -55,8 +58,10 @@ bench: install  ## ours vs TRL's DPOTrainer, levers, scaling (~15 min on 2 cores
 	$(BIN)/python -m dpo_lightning.bench --out reports/bench
 
 SWEEP ?= loss_variants
+# SWEEP_FILE: another file of the same sweep name, e.g. a reduced budget
+SWEEP_FILE ?= sweeps/$(SWEEP).yaml
 sweep: install  ## run sweeps/$(SWEEP).yaml offline, then chart it: make sweep SWEEP=label_noise ARGS="--workers 2"
-	$(BIN)/dpo-lightning sweep sweeps/$(SWEEP).yaml $(ARGS)
+	$(BIN)/dpo-lightning sweep $(SWEEP_FILE) $(ARGS)
 	$(BIN)/dpo-lightning compare runs/sweeps/$(SWEEP) --out runs/sweeps/$(SWEEP)/compare
 
 tiny: install  ## train the tiny CPU config on the HH data (1-2 min)

@@ -1,7 +1,9 @@
-"""Sweep files and the local sweep runner (dpo_lightning/sweep_space.py, dpo_lightning/sweep.py).
+"""Sweep files and the local sweep runner (dpo_lightning/sweep_space.py, dpo_lightning/sweep.py, sweeping/).
 
 Most tests drive the runner with tests/fixtures/sweep_fake_trial.py, a stand-in for `dpo-lightning fit`
 that starts in a fraction of a second; one test runs real tiny trials end to end, and one runs FSDP trials.
+The differential tests against wandb's engine are in test_sweep_engine.py, the shared-storage and crash
+tests in test_sweep_shared.py.
 """
 
 import importlib.util
@@ -35,7 +37,8 @@ def write_sweep(folder: Path, name: str, parameters: dict, **keys) -> Path:
 
 
 def records(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(out.glob("trials/*/trial.json"))]
+    found = [json.loads(p.read_text()) for p in out.glob("*/trial.json")]
+    return sorted(found, key=lambda r: r["trial"])
 
 
 # -- sweep files ------------------------------------------------------------------------------------------
@@ -45,39 +48,60 @@ def test_the_required_sweep_files_exist():
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
-def test_sweep_files_follow_wandbs_schema(path):
+def test_sweep_files_are_valid_for_wandb_and_name_their_trials(path):
     cfg = yaml.safe_load(path.read_text())
     assert schema_violations(cfg) == []
     spec = load_sweep(path)  # and the local runner can run them
     assert spec.command[:3] == ["${env}", "dpo-lightning", "fit"] and spec.command[-1] == "${args}"
     assert spec.metric and spec.name == path.stem
+    assert spec.project == "dpo-lightning"  # wandb sync of offline runs lands in the same project
+    assert f"--run.sweep={spec.name}" in spec.command  # trials <sweep>-<run id>, grouped per (loss, β)
+    assert f"--run.group={spec.name}" not in spec.command  # no longer one averaged line for every loss
 
 
-def test_schema_errors_name_the_file_and_the_key(tmp_path):
+def test_label_noise_has_two_seeds_per_point():
+    spec = load_sweep(ROOT / "sweeps" / "label_noise.yaml")
+    grid = spec.grid()
+    assert len(grid) == 24 and {p["seed_everything"] for p in grid} == {0, 1}
+
+
+def test_invalid_files_fail_with_wandbs_messages_naming_the_file(tmp_path):
     bad = write_sweep(tmp_path, "bad", {"model.lr": {"distribution": "log_uniform_values", "min": "1e-5",
                                                      "max": 0.1}}, methd="grid")  # fmt: skip
     with pytest.raises(ConfigError) as err:
         load_sweep(bad)
     message = str(err.value)
-    assert str(bad) in message
-    assert "parameters.model.lr.min: must be a number" in message and "1.0e-5" in message  # the YAML 1.1 hint
-    assert "methd: not a sweep key" in message
-    cfg = {"method": "bayes", "early_terminate": {"type": "hyperband", "eta": 3}, "parameters": {"x": {}}}
-    problems = schema_violations(cfg)
-    assert any(p.startswith("early_terminate: hyperband needs min_iter") for p in problems)
-    assert any(p.startswith("parameters.x") for p in problems)
+    assert str(bad) in message and "wandb's messages" in message
+    assert "Additional properties are not allowed ('methd' was unexpected)" in message  # jsonschema, via wandb
+    assert "1.0e-5" in message  # the YAML 1.1 hint
     with pytest.raises(ConfigError, match="parameters.model.beta: null"):
         load_sweep(write_sweep(tmp_path, "nulls", {"model.beta": {"values": [0.1, None]}}))
-    with pytest.raises(ConfigError, match="local runner's grid search supports only"):
+    with pytest.raises(ConfigError, match="disallowed type with grid search"):  # wandb's grid refuses it
         load_sweep(write_sweep(tmp_path, "g", {"model.beta": {"min": 0.1, "max": 1.0}}))
+    with pytest.raises(ConfigError, match="local bayes search .Optuna. supports only"):
+        load_sweep(write_sweep(tmp_path, "b", {"x": {"distribution": "normal"}}, method="bayes"))
 
 
-def _wandb_agent_command(spec, values: dict) -> list[str]:
+def test_check_prints_the_grid_in_wandbs_order_and_exits_2_on_an_invalid_file(tmp_path, capsys):
+    path = write_sweep(tmp_path, "chk", {"b": {"values": [1, 2]}, "a": {"values": ["x", "y"]}})
+    assert sweep.main(["--check", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines() if line.startswith("  ") and "=" in line]
+    assert lines[:4] == ["0  a=x b=1", "1  a=x b=2", "2  a=y b=1", "3  a=y b=2"]  # sorted names, last fastest
+    assert f"{sys.executable}" not in out and "python " in out  # the command as wandb agent runs it
+    bad = write_sweep(tmp_path, "bad", {"x": {"min": 1, "max": 1}})
+    assert sweep.main(["--check", str(bad)]) == 2
+    assert "x: min 1 is not less than max 1" in capsys.readouterr().err  # wandb's own message
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def _wandb_agent_command(spec, values: dict, json_file: str) -> list[str]:
     """What `wandb agent` runs, from wandb's own helpers and the substitution loop of wandb_agent.py."""
     from wandb.sdk.launch.sweeps import utils as sweep_utils
 
     sweep_vars = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})
     sweep_vars |= {"interpreter": ["python"], "program": [spec.program], "env": ["/usr/bin/env"]}
+    sweep_vars["args_json_file"] = [json_file]
     out = []
     for chunk in sweep_utils.create_sweep_command(list(spec.command)):
         chunk = str(chunk)
@@ -86,18 +110,39 @@ def _wandb_agent_command(spec, values: dict) -> list[str]:
 
 
 def _sample_values(spec) -> dict:
-    if spec.method == "grid":
-        return spec.with_constants(spec.grid()[-1])
-    return spec.with_constants({p.name: p.bounds()[0] if p.low is not None else p.values[0] for p in spec.swept})
+    return spec.with_constants(spec.grid()[-1] if spec.method == "grid" else spec.random_draws(0, 1)[0])
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
 def test_local_command_is_the_one_wandb_agent_builds(path):
     spec = load_sweep(path)
     values = _sample_values(spec)
-    assert build_command(spec, values, local=False) == _wandb_agent_command(spec, values)
+    assert build_command(spec, values, local=False) == _wandb_agent_command(spec, values, "")
     local = build_command(spec, values)
     assert local[1:4] == [sys.executable, "-m", "dpo_lightning"]  # this venv, with or without bin/ on PATH
+
+
+def test_every_agent_macro_expands_as_wandb_expands_it(tmp_path, monkeypatch):
+    """${args_json_file}, the hydra forms, the no-equals / no-hyphens / no-boolean forms and ${envvar:...}."""
+    macros = ["args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags", "args_json",
+              "args_json_file", "args_append_hydra", "args_override_hydra"]  # fmt: skip
+    command = ["${interpreter}", "${program}", "--home=${envvar:SWEEP_TEST_HOME}", *[f"${{{m}}}" for m in macros]]
+    path = write_sweep(tmp_path, "macros", {"flag": {"values": [True, False]}, "lr": {"value": 0.5}}, command=command)
+    monkeypatch.setenv("SWEEP_TEST_HOME", "/data")
+    spec = load_sweep(path)
+    values = spec.with_constants({"flag": False})
+    json_file = tmp_path / "args.json"
+    got = build_command(spec, values, local=False, args_json_file=json_file)
+    assert got == _wandb_agent_command(spec, values, str(json_file))
+    assert "--home=/data" in got and "+flag=False" in got and "++lr=0.5" in got
+    assert got.count("--flag") == 1  # from ${args_no_equals} (--flag False); ${args_no_boolean_flags} drops it
+    assert json.loads(json_file.read_text()) == {"flag": False, "lr": 0.5}
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    from dpo_lightning.sweep_space import agent_macros
+
+    for values in ({"a": True, "b": False, "c": 1e-05, "d": "x y", "e": None, "f": 3}, {}):
+        assert agent_macros(values) == create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
@@ -107,26 +152,40 @@ def test_cli_accepts_the_command_wandb_builds(path, capsys, monkeypatch):
 
     spec = load_sweep(path)
     values = _sample_values(spec)
-    argv = _wandb_agent_command(spec, values)
+    argv = _wandb_agent_command(spec, values, "")
     assert argv[:2] == ["/usr/bin/env", "dpo-lightning"]
     monkeypatch.chdir(ROOT)  # the files' --config paths are relative to the repository root
     monkeypatch.setattr(sys, "argv", ["dpo-lightning"])  # pytest's own arguments are not the CLI's
     with pytest.raises(SystemExit) as exit_:
-        main(argv[2:] + ["--run.dir=/tmp/unused", "--run.group=g", "--print_config"])
+        main(argv[2:] + ["--run.dir=/tmp/unused", "--print_config"])
     out = capsys.readouterr()
     assert exit_.value.code in (0, None), out.err[-2000:]
     printed = yaml.safe_load(out.out)
+    assert printed["run"]["sweep"] == spec.name
     for key, value in values.items():
-        section, name = key.split(".", 1)
-        assert str(printed[section][name]) == str(value), key  # str: trainer.devices keeps "2" as text
+        section, name = key.split(".", 1) if "." in key else (key, None)
+        got = printed[section][name] if name else printed[section]
+        assert str(got) == str(value) or value == "label_noise", key  # str: trainer.devices keeps "2" as text
+
+
+def test_a_sweep_trial_is_named_after_the_sweep_and_grouped_per_variant(monkeypatch):
+    """Under `wandb agent` (WANDB_RUN_ID, WANDB_PROJECT set): <sweep>-<run id>, runs/sweeps/<sweep>/<run id>,
+    group <sweep>-<loss>-beta<β>, the sweep in the tags, over tiny_cpu.yaml's run.name; '' means no group."""
+    from dpo_lightning.cli import RunConfig
+    from dpo_lightning.sweeping.identity import apply_sweep_defaults
+
+    monkeypatch.setenv("WANDB_RUN_ID", "ab12cd34")
+    monkeypatch.setenv("WANDB_PROJECT", "proj")
+    run = apply_sweep_defaults(RunConfig(name="tiny_cpu", sweep="label_noise", tags=["x"]), "cdpo", 0.1)
+    assert (run.name, run.dir) == ("label_noise-ab12cd34", "runs/sweeps/label_noise/ab12cd34")
+    assert (run.group, run.tags, run.wandb_project) == ("label_noise-cdpo-beta0.1", ["x", "label_noise"], "proj")
+    assert apply_sweep_defaults(RunConfig(sweep="s", group=""), "dpo", 0.5).group is None
 
 
 # -- the runner, with fake trials --------------------------------------------------------------------------
-def test_random_and_bayes_propose_values_within_bounds(tmp_path, monkeypatch):
-    """6 trials, 2 at a time: every proposal is within the file's bounds and reaches the trial's command and
-    config; each trial is named <sweep>-NNN in group <sweep>. random samples with Optuna's RandomSampler; bayes with
-    its TPE sampler, whose model proposes (non-empty relative samples) once its 2 start-up trials are done
-    (startup = max(2, min(10, 6 // 3)))."""
+def test_bayes_proposes_within_bounds_and_random_draws_are_wandbs(tmp_path, monkeypatch):
+    """6 trials, 2 at a time. bayes: Optuna's TPE, whose model proposes (non-empty relative samples) once its
+    2 start-up trials are done (startup = max(2, min(10, 6 // 3))). random: the values are wandb's draws."""
     import optuna
 
     modelled: list[int] = []  # per TPE relative sample: how many parameters the model proposed
@@ -150,30 +209,27 @@ def test_random_and_bayes_propose_values_within_bounds(tmp_path, monkeypatch):
         modelled.clear()
         path = write_sweep(tmp_path, method, parameters, method=method, run_cap=6)
         out = tmp_path / method
-        (tmp_path / f"{method}-probe").mkdir()
-        sampler = sweep.make_study(load_sweep(path), tmp_path / f"{method}-probe", 0, 2, 6).sampler
-        if method == "bayes":
-            assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 2
-        else:
-            assert type(sampler) is optuna.samplers.RandomSampler
-        assert sweep.main([str(path), "--out", str(out), "--workers", "2"]) == 0
-        done = records(out)
-        assert len(done) == 6 and all(r["state"] == "complete" for r in done)
-        assert len({r["run_dir"] for r in done}) == 6  # parallel workers never share a folder
+        assert sweep.main([str(path), "--out", str(out), "--workers", "2", "--seed", "3"]) == 0
         spec = load_sweep(path)
+        done = records(out)
+        assert [r["state"] for r in done] == ["complete"] * 6, done
         for r in done:
             for p in spec.params:
                 assert p.contains(r["params"][p.name]), (method, p.name, r["params"][p.name])
-            assert f"--model.beta={r['params']['model.beta']}" in r["command"]
-            assert f"--run.dir={r['run_dir']}" in r["command"] and f"--run.group={method}" in r["command"]
-            assert f"--run.name={method}-{Path(r['run_dir']).name}" in r["command"]
+            run_id = Path(r["run_dir"]).name
+            assert (
+                Path(r["run_dir"]).parent == out and r["run_id"] == run_id and run_id.startswith(f"{r['trial']:03d}-")
+            )
+            assert f"--run.dir={r['run_dir']}" in r["command"] and f"--run.name={method}-{run_id}" in r["command"]
             assert f"beta: {float(r['params']['model.beta'])}" in (Path(r["run_dir"]) / "config.yaml").read_text()
-        assert len({r["params"]["model.beta"] for r in done}) == 6  # bayes/random: no replayed proposals
+        assert len({r["params"]["model.beta"] for r in done}) == 6  # no replayed proposals
         assert (out / "summary.csv").read_text().count("\n") == 7
         if method == "bayes":
             assert any(n > 0 for n in modelled), "TPE never proposed from its model"
         else:
             assert modelled == [], "the random sweep used TPE"
+            wandb_draws = spec.random_draws(3, 6)
+            assert [{k: r["params"][k] for k in wandb_draws[0]} for r in done] == wandb_draws
 
 
 def test_crashed_and_killed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
@@ -213,19 +269,9 @@ def test_a_hung_trial_times_out_and_is_recorded(tmp_path):
     assert record["state"] == "failed" and record["reason"] == "timed out after 1 s"
 
 
-def test_hyperband_prunes_trials_that_trail_at_a_rung(tmp_path):
-    """One bracket (max_iter / min_iter < eta): at iteration 2 only the best third of the trials so far go on.
-    x = 0 finishes first; x = 5 and x = 1 trail it at iteration 2 and are stopped while running."""
-    parameters = {"fake.sleep": {"value": 0.3}, "fake.steps": {"value": 6}, "x": {"values": [0, 5, 1]}}
-    stop = {"type": "hyperband", "min_iter": 2, "max_iter": 4, "eta": 3}
-    path = write_sweep(tmp_path, "hb", parameters, early_terminate=stop)
-    assert sweep.main([str(path), "--out", str(tmp_path / "hb")]) == 0
-    states = {r["params"]["x"]: (r["state"], r["iterations"]) for r in records(tmp_path / "hb")}
-    assert states[0] == ("complete", 6)
-    assert states[5][0] == "pruned" and states[1][0] == "pruned" and states[5][1] < 6
-
-
-def test_interrupt_then_resume_runs_only_the_remaining_trials(tmp_path):
+def test_sighup_then_resume_runs_only_the_remaining_trials(tmp_path):
+    """A terminal hang-up (SIGHUP) ends the running trial's process group and records it as interrupted;
+    the same command then runs what is left: the interrupted trial again, the finished one never."""
     record = tmp_path / "starts.jsonl"
     parameters = {"fake.sleep": {"value": 0.5}, "fake.record": {"value": str(record)}, "x": {"values": [0, 1, 2]}}
     path = write_sweep(tmp_path, "resumable", parameters)
@@ -233,14 +279,19 @@ def test_interrupt_then_resume_runs_only_the_remaining_trials(tmp_path):
     argv = [sys.executable, "-m", "dpo_lightning", "sweep", str(path), "--out", str(out)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
-    while not (out / "trials" / "001" / "trial.json").exists():  # trial 000 done, 001 started
+    while len([r for r in records(out) if r["state"] == "running"]) < 1 or len(records(out)) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
+        time.sleep(0.1)  # trial 000 done, 001 started
+    pgid = records(out)[1]["pgid"]
+    proc.send_signal(signal.SIGHUP)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130, output
-    assert "run the same command to resume" in output
+    assert "SIGHUP" in output and "run the same command to resume" in output
     assert [r["state"] for r in records(out)] == ["complete", "interrupted"]
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.killpg(pgid, 0)  # the trial's process group is gone
 
     assert sweep.main([str(path), "--out", str(out)]) == 0
     starts = [json.loads(line)["x"] for line in record.read_text().splitlines()]
@@ -255,7 +306,7 @@ def test_runner_refuses_a_changed_file_and_an_endless_random_sweep(tmp_path, cap
     assert sweep.main([str(path), "--out", str(tmp_path / "s")]) == 0
     write_sweep(tmp_path, "s", {"x": {"values": [0, 1]}})
     assert sweep.main([str(path), "--out", str(tmp_path / "s")]) == 2
-    assert "has changed since the sweep" in capsys.readouterr().err
+    assert "differs from the file the stored sweep" in capsys.readouterr().err
     endless = write_sweep(tmp_path, "endless", {"x": {"min": 0, "max": 3}}, method="random")
     assert sweep.main([str(endless), "--out", str(tmp_path / "e")]) == 2
     assert "pass --max-trials or set run_cap" in capsys.readouterr().err
@@ -272,7 +323,8 @@ def _real_sweep(tmp_path: Path, source: Path | None, name: str, parameters: dict
     cfg["parameters"] = parameters or cfg["parameters"]
     # the file's own command, with the tiny overlay and the data file added after its --config
     cfg["command"] = ["${env}", "dpo-lightning", "fit", "--config", "experiments/tiny_cpu.yaml", "--config",
-                      "tests/fixtures/sweep_tiny.yaml", "--config", str(data), "${args}"]  # fmt: skip
+                      "tests/fixtures/sweep_tiny.yaml", "--config", str(data), f"--run.sweep={name}",
+                      "${args}"]  # fmt: skip
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -286,10 +338,11 @@ def test_grid_sweep_of_real_trials_end_to_end_then_compare(tmp_path, monkeypatch
     assert sweep.main([str(path), "--out", str(out), "--workers", "2", "--max-trials", "3"]) == 0
     done = records(out)
     assert [r["state"] for r in done] == ["complete"] * 3, [r.get("log_tail") for r in done]
-    assert [r["params"]["model.loss"] for r in done] == ["dpo", "ipo", "cdpo"]  # loss is the fastest axis
+    assert [r["params"]["model.loss"] for r in done] == ["dpo", "ipo", "cdpo"]  # loss is the only swept axis
     for r in done:
         run_dir = Path(r["run_dir"])
         assert f"loss: {r['params']['model.loss']}" in (run_dir / "config.yaml").read_text()
+        assert f"name: tiny_grid-{r['run_id']}" in (run_dir / "config.yaml").read_text()
         assert "val/rewards/accuracies" in (run_dir / "metrics.csv").read_text()
     summary = (out / "summary.csv").read_text().splitlines()
     assert len(summary) == 4 and summary[0].startswith("rank,trial,state,val/rewards/accuracies")
