@@ -31,31 +31,35 @@ def _argv(assets, tmp_path, *extra):
             "--max-new-tokens", "6", "--run-dir", str(tmp_path / "run"), *extra]  # fmt: skip
 
 
-def test_a_round_writes_pairs_trains_and_exports(assets, tmp_path):
-    """One real round (2 fit steps) and the final pass: the round's pairs are a JSONL preference file ranked by the
-    reward (chosen longer), its fit reads them, its policy is exported, trained, and is what the final pass samples;
-    --reference initial makes the initial policy the fit's reference. (Two rounds' chaining is checked, without
-    training, by the next test.) Planted bug: the final pass sampling the initial policy -> the chain assertion
-    fails."""
+@pytest.mark.parametrize("rounds", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_rounds_write_pairs_train_and_export(assets, tmp_path, rounds):
+    """Real rounds (2 fit steps each) and the final pass: each round's pairs are a JSONL preference file ranked by
+    the reward (chosen longer), its fit reads them, its policy is exported, trained, and is what the next round (or
+    the final pass) samples; --reference initial makes the initial policy every fit's reference. The fast run has
+    one round (two rounds' chaining is also checked, without training, by the next test). Planted bug: a round
+    sampling the initial policy again -> the chain assertion fails."""
     from transformers import AutoModelForCausalLM
 
-    argv = _argv(assets, tmp_path, "--reference", "initial", "--rounds", "1", "--", "--trainer.max_steps", "2",
-                 "--trainer.limit_val_batches", "0")  # fmt: skip
+    argv = _argv(assets, tmp_path, "--reference", "initial", "--rounds", str(rounds), "--", "--trainer.max_steps",
+                 "2", "--trainer.limit_val_batches", "0")  # fmt: skip
     result = cli_main(*argv)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     lines = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
-    assert [x["round"] for x in lines] == [0, 1] and lines[-1]["final"]
-    assert lines[0]["policy"] == str(assets / "policy") and lines[1]["policy"] == str(run / "round_0" / "policy")
-    rows = [json.loads(x) for x in (run / "round_0" / "pairs.jsonl").read_text().splitlines()]
-    assert 0 < len(rows) <= 8 and len(rows) == lines[0]["pairs"]
-    assert all(len(row["chosen"]) > len(row["rejected"]) for row in rows)
-    assert lines[0]["reward_chosen"] > lines[0]["reward_rejected"]
-    config = yaml.safe_load((run / "round_0" / "train" / "config.yaml").read_text())
-    assert config["data"]["train_files"] == str(run / "round_0" / "pairs.jsonl")
-    assert config["model"]["reference"] == str(assets / "policy")
+    assert [x["round"] for x in lines] == list(range(rounds + 1)) and lines[-1]["final"]
+    assert [x["policy"] for x in lines] == [str(assets / "policy")] + [
+        str(run / f"round_{r}" / "policy") for r in range(rounds)
+    ]
+    for r in range(rounds):
+        rows = [json.loads(x) for x in (run / f"round_{r}" / "pairs.jsonl").read_text().splitlines()]
+        assert 0 < len(rows) <= 8 and len(rows) == lines[r]["pairs"]
+        assert all(len(row["chosen"]) > len(row["rejected"]) for row in rows)
+        assert lines[r]["reward_chosen"] > lines[r]["reward_rejected"]
+        config = yaml.safe_load((run / f"round_{r}" / "train" / "config.yaml").read_text())
+        assert config["data"]["train_files"] == str(run / f"round_{r}" / "pairs.jsonl")
+        assert config["model"]["reference"] == str(assets / "policy")
     before = AutoModelForCausalLM.from_pretrained(assets / "policy").state_dict()
-    after = AutoModelForCausalLM.from_pretrained(run / "round_0" / "policy").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(run / f"round_{rounds - 1}" / "policy").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
 
 
