@@ -1,6 +1,7 @@
 """Export a training checkpoint's policy as a Hugging Face model directory.
 
     dpo-lightning export runs/<run>/checkpoints/last.ckpt out/my-dpo-model [--dtype bfloat16] [--tokenizer DIR]
+    dpo-lightning export runs/<lora-run>/checkpoints/last.ckpt out/adapter --adapter-only   (LoRA: adapters alone)
 
 Reads a single-file checkpoint (one device, DDP, ``fsdp_single_file``) or a sharded one (the folder that
 ``trainer.strategy: fsdp`` writes), and from either only the policy's weights (never the optimizer state).
@@ -8,6 +9,12 @@ Writes ``model.safetensors`` (sharded when large), ``config.json``, ``generation
 tokenizer, so that ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads the trained policy. The model
 config comes from the checkpoint itself; the tokenizer from ``--tokenizer``, else the run folder's
 ``tokenizer/`` (saved at fit start), else the run's ``config.yaml`` (``data.tokenizer``).
+
+A LoRA run's checkpoint holds the adapters only: export loads the base model (``--base DIR``, else the run's
+``model.policy``, else its ``model.policy_config`` rebuilt from the run's seed), checks it against the base
+fingerprint saved in the checkpoint, adds the adapters and writes the merged model (a plain Hugging Face model,
+no peft needed to load it); ``--adapter-only`` writes peft's adapter directory instead (``adapter_config.json``
+and ``adapter_model.safetensors``, for ``PeftModel.from_pretrained``).
 
 Checkpoints are read with ``weights_only=False`` (they hold the run's hyperparameters): export only
 checkpoints you trust, as with any pickle.
@@ -99,8 +106,16 @@ def find_tokenizer(checkpoint: Path, explicit: str | None) -> str:
     raise UserError(f"found no tokenizer for {checkpoint} (no tokenizer/ in its run folder); pass --tokenizer DIR")
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto", tokenizer: str | None = None) -> Path:
-    """Write the policy of ``checkpoint`` to ``out_dir`` as a Hugging Face model directory."""
+def export(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    dtype: str = "auto",
+    tokenizer: str | None = None,
+    adapter_only: bool = False,
+    base: str | None = None,
+) -> Path:
+    """Write the policy of ``checkpoint`` to ``out_dir`` as a Hugging Face model directory (a LoRA run's: merged,
+    or its adapter directory with ``adapter_only``)."""
     from transformers import AutoModelForCausalLM
 
     from dpo_lightning.tokenizer import load_tokenizer
@@ -109,21 +124,35 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto", tok
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     state, meta = load_checkpoint(checkpoint)
-    config = model_config(meta)
     tokenizer_path = find_tokenizer(checkpoint, tokenizer)
+    peft_config = (meta.get("hyper_parameters") or {}).get("peft_config")
+    if peft_config is not None:
+        from dpo_lightning.lora import export_lora
+
+        loaded = load_tokenizer(tokenizer_path)
+        model = export_lora(checkpoint, state, meta, base, merge=not adapter_only, tokenizer=loaded)
+        _save(model, out_dir, dtype, loaded)
+        return out_dir
+    if adapter_only:
+        raise UserError(f"{checkpoint}: --adapter-only is for LoRA runs (model.peft_config); this one has none")
+    config = model_config(meta)
     with torch.device("meta"):  # no random init: the weights come from the checkpoint
         model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected or [k for k in missing if not _tied(model, k)]:
         raise UserError(f"{checkpoint}: weights do not match the model config (missing {missing}, extra {unexpected})")
     model.tie_weights()  # tied output layer = input embedding again after assign
+    _save(model, out_dir, dtype, load_tokenizer(tokenizer_path))
+    return out_dir
+
+
+def _save(model: Any, out_dir: Path, dtype: str, tokenizer: Any) -> None:
     if dtype != "auto":
         model.to(DTYPES[dtype])
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    load_tokenizer(tokenizer_path).save_pretrained(out_dir)
-    return out_dir
+    tokenizer.save_pretrained(out_dir)
 
 
 def _tied(model: Any, key: str) -> bool:
@@ -138,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="output folder for the Hugging Face model")
     parser.add_argument("--dtype", default="auto", help="auto (as trained), float32, bfloat16 or float16")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the run's tokenizer/)")
+    parser.add_argument("--adapter-only", action="store_true", help="LoRA runs: write the adapter directory only")
+    parser.add_argument("--base", default=None, help="LoRA runs: the base model directory (default: model.policy)")
     args = parser.parse_args(argv)
-    out = export(args.checkpoint, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer)
-    print(f"exported the policy of {args.checkpoint} to {out}")
+    out = export(args.checkpoint, args.out_dir, args.dtype, args.tokenizer, args.adapter_only, args.base)
+    what = "the LoRA adapters" if args.adapter_only else "the policy"
+    print(f"exported {what} of {args.checkpoint} to {out}")
     return 0

@@ -1,14 +1,15 @@
-"""The frozen reference: its identity (a fingerprint of its weights), and its log-probs computed once and stored.
+"""The frozen reference: its identity (a hash of its config and weights) and its log-probs, computed once and stored.
 
     dpo-lightning fit --config experiments/tiny_cpu.yaml --model.precompute_reference true
 
 The reference never changes during training, so log π_ref(y|x) of every pair is a constant of the data. With
 ``model.precompute_reference`` the reference scores every train and validation pair once, before the first
 step (each rank its share of the rows, in length-sorted batches), the values go to disk, and the reference is
-dropped from memory: each training step then runs the policy alone (one forward pass of three fewer).
+dropped from memory: each training step then runs the policy alone (one forward pass of three fewer). (A LoRA
+policy's reference is the policy with its adapters off: nothing leaves memory, the pass is still saved.)
 
-The store is keyed by a fingerprint of everything the numbers depend on: the reference weights, the
-tokenizer, the tokenized split (the token ids of every row, so data files, max lengths, truncation and label
+The store is keyed by a fingerprint of everything the numbers depend on: the reference (its config and weights),
+the tokenizer, the tokenized split (the token ids of every row, so data files, max lengths, truncation and label
 noise are all in it), the max lengths and truncation mode, the log-prob aggregation and the precision. A run
 that changes only the loss, β, the learning rate or the seed finds the same key and skips the pass. On load a
 few random rows are scored again and compared with the store; a mismatch recomputes it.
@@ -42,10 +43,22 @@ def cache_dir(path: str | None) -> Path:
 
 
 # --------------------------------------------------------------------------- fingerprints
-def weights_fingerprint(model: nn.Module) -> str:
-    """Hash of every tensor in the state dict (name, dtype, shape, bytes). Call it on an unsharded model."""
+# config keys that name where a model came from or how it generates, not what it computes
+CONFIG_NOT_HASHED = {"_name_or_path", "transformers_version", "use_cache", "architectures"}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of what the reference's log-probs depend on: its Hugging Face config (layer-norm epsilon, RoPE
+    settings, attention scaling, dtype, ...; not its path) and every tensor of its state dict (name, dtype,
+    shape, bytes). A LoRA policy's adapters-off reference hashes its base weights under the plain model's names,
+    so it matches a full fine-tuning run's reference of the same base. Call it on an unsharded model."""
     digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        settings = {k: v for k, v in config.to_dict().items() if k not in CONFIG_NOT_HASHED}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    state = model.base_state_dict() if hasattr(model, "base_state_dict") else model.state_dict()
+    for name, tensor in sorted(state.items()):
         tensor = tensor.detach()
         if hasattr(tensor, "full_tensor"):  # a DTensor (sharded): gather it
             tensor = tensor.full_tensor()
@@ -87,7 +100,8 @@ def store_key(parts: dict[str, Any]) -> str:
 class ReferenceLogps:
     """Reference log-probs of one split, looked up by dataset row (``batch["index"]``)."""
 
-    def __init__(self, index: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor):
+    def __init__(self, index: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, key: str | None = None):
+        self.key = key  # the store key: which reference, data, lengths and precision these values belong to
         size = int(index.max()) + 1 if index.numel() else 0
         self.table = torch.full((2, size), float("nan"), dtype=torch.float32)  # (chosen/rejected, row)
         self.table[0, index] = chosen.float().cpu()
@@ -148,7 +162,7 @@ def compute_split(module: Any, dataset: Any, collate: Any, batch_size: int) -> R
     strategy = module.trainer.strategy
     world, rank = strategy.world_size, strategy.global_rank
     n = len(dataset)
-    padded = list(range(n)) + list(range(-n % world))  # repeat the first rows to a multiple of the world
+    padded = list(range(n)) + [i % n for i in range(-n % world)] if n else []  # repeat rows to a multiple of W
     lengths = _lengths(dataset)
     share = sorted(padded[rank::world], key=lambda i: -lengths[i])
     local = score_rows(module, dataset, share, collate, batch_size).to(module.device)  # (3, n/W)
@@ -193,7 +207,13 @@ def load_or_compute(
             rank_zero_info(f"reference log-probs ({split}): reusing {path} ({table.rows} rows)")
     if table is None:
         if module.reference is None:
-            raise RuntimeError(f"reference log-probs ({split}) are not in {directory} and the reference was dropped")
+            from dpo_lightning.errors import ConfigError
+
+            raise ConfigError(
+                f"reference log-probs ({split}) of this data are not in {directory}, and the reference left memory "
+                "when training started (model.precompute_reference): validate or test other data in a new process "
+                "(dpo-lightning validate --ckpt_path ...), which builds the reference again"
+            )
         rank_zero_info(f"reference log-probs ({split}): computing {len(dataset)} rows once -> {path}")
         start = time.perf_counter()
         table = compute_split(module, dataset, collate, batch_size)
@@ -201,12 +221,16 @@ def load_or_compute(
             _save(path, table, parts)
         strategy.barrier()
         rank_zero_info(f"reference log-probs ({split}): computed in {time.perf_counter() - start:.1f} s")
+    table.key = key
     return table.to(module.device)
 
 
-def prepare_splits(module: Any, splits: list[str]) -> dict[str, ReferenceLogps]:
+def prepare_splits(
+    module: Any, splits: list[str] | tuple[str, ...], known: dict[str, ReferenceLogps] | None = None
+) -> dict[str, ReferenceLogps]:
     """The reference log-probs of ``splits`` of the module's data module (``PreferenceDataModule``), keyed by
-    the fingerprint of everything they depend on. Collective: every rank calls it."""
+    the fingerprint of everything they depend on. A table in ``known`` (the ones in memory, by split) is reused
+    only when its key is this data's (validating another data module gets its own table). Collective."""
     from dpo_lightning.data.tokenize import PairCollator
     from dpo_lightning.errors import ConfigError
 
@@ -233,6 +257,9 @@ def prepare_splits(module: Any, splits: list[str]) -> dict[str, ReferenceLogps]:
     for split in splits:
         dataset = dm.datasets[split]
         parts = {**common, "dataset": dataset_fingerprint(dataset)}
+        if known and split in known and known[split].key == store_key(parts):
+            tables[split] = known[split]
+            continue
         tables[split] = load_or_compute(module, split, dataset, collate, dm.eval_batch_size, parts, directory)
     return tables
 

@@ -35,11 +35,19 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated decoder blocks of a causal LM: the unit FSDP shards and gathers one at a time.
 
     Hugging Face models name their block class in ``_no_split_modules`` (``GPT2Block``, ``GPTNeoXLayer`` for
-    Pythia, ``LlamaDecoderLayer``, ...), so no class is hard-coded here. A model without that attribute falls
-    back to the children of its longest ``nn.ModuleList``.
+    Pythia, ``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ``MistralDecoderLayer``, ``GemmaDecoderLayer``, ...),
+    so no class is hard-coded here; a LoRA ``PeftModel`` answers for the model it wraps. Only the outermost
+    matches count (a listed class nested in another listed one is inside that unit already). A model without
+    that attribute falls back to the children of its longest ``nn.ModuleList``.
     """
     names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()  # ids of modules within a block already taken
+    for module in model.modules():  # pre-order: a block comes before the modules inside it
+        if id(module) in inside or type(module).__name__ not in names:
+            continue
+        blocks.append(module)
+        inside.update(id(m) for m in module.modules())
     if blocks:
         return blocks
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
@@ -70,6 +78,8 @@ def shard_model(model: nn.Module, mesh: Any, *, precision: str | None = None, fr
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(model, FSDPModule):  # configure_model runs again on a second fit/validate call
+        return model
+    if next(model.parameters(), None) is None:  # a view of another model (a LoRA policy with adapters off)
         return model
     kwargs: dict[str, Any] = {"mesh": mesh}
     policy = mixed_precision_policy(precision)

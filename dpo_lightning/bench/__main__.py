@@ -7,7 +7,7 @@
 Sections: ``trl`` (ours vs TRL's DPOTrainer on HH, alternating, and our HH-path levers), ``profile`` (where the
 time goes, both sides), ``levers`` (step-level levers in the bare step loop), ``sweep`` (GPT-2 shapes x sequence
 lengths, the step-time fit), ``processes`` (1 vs 2 processes: DDP, FSDP2), ``pipeline`` (tokenization pairs/s),
-``gpu`` (what a GPU session runs).
+``gpu`` (what a GPU session runs), ``lora`` (LoRA r=8 vs full fine-tuning, GPT-2 d512 L8; bench/lora.py).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from typing import Any
 from dpo_lightning.bench import sections as run
 from dpo_lightning.bench import suite
 from dpo_lightning.bench.assets import prepare
+from dpo_lightning.bench.lora import section_lora
 
-SECTIONS = ("trl", "profile", "levers", "sweep", "processes", "pipeline", "gpu")
+SECTIONS = ("trl", "profile", "levers", "sweep", "processes", "pipeline", "gpu", "lora")
 
 
 def machine() -> dict[str, Any]:
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "processes": lambda: run.section_processes(ctx),
         "pipeline": lambda: run.section_pipeline(ctx),
         "gpu": run.section_gpu,
+        "lora": lambda: section_lora(ctx),
     }
     for name in SECTIONS:
         if name not in sections:

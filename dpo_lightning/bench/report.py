@@ -291,6 +291,10 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
             "",
         ]
 
+    from dpo_lightning.bench.lora import render_lora  # (imports torch: only when rendering this section)
+
+    lines += render_lora(results.get("lora", {}))
+
     # ------------------------------------------------------------------ reproduce
     lines += [
         "## Reproduce",

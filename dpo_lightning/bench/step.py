@@ -32,6 +32,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "L2-d256": {"model_type": "gpt2", "n_layer": 2, "n_embd": 256, "n_head": 4},
     "L4-d128": {"model_type": "gpt2", "n_layer": 4, "n_embd": 128, "n_head": 4},
     "L4-d256": {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4},
+    "L8-d512": {"model_type": "gpt2", "n_layer": 8, "n_embd": 512, "n_head": 8},  # the LoRA section's (bench/lora.py)
     "gpt2-medium": {"model_type": "gpt2", "n_layer": 24, "n_embd": 1024, "n_head": 16},
     # ~1.1B parameters at vocab 32k (TinyLlama's shape)
     "llama-1b": {
