@@ -81,26 +81,16 @@ def _status(spec: Any, folder: Path) -> int:
     from dpo_lightning.comparing.tables import write_sweep_summary
     from dpo_lightning.sweeping.processes import is_alive
 
-    records = [json.loads(p.read_text()) for p in folder.glob("*/trial.json")]
-    if not records:
+    if not any(folder.glob("*/trial.json")):
         raise UserError(f"no trials recorded in {folder}; run `dpo-lightning sweep {spec.path}` first")
     text = write_sweep_summary(spec, folder)
-    runners = {}
-    for p in folder.glob("*/trial.json"):
-        record = json.loads(p.read_text())
-        if record["state"] == "running":
-            runners[record["trial"]] = record
-    orphans = [n for n, r in runners.items() if not _runner_alive(r, is_alive)]
+    running = [json.loads(p.read_text()) for p in folder.glob("*/trial.json")]
+    orphans = [r["trial"] for r in running if r["state"] == "running" and not is_alive(r.get("runner") or {})]
     if orphans:
         text += "\nNo runner on this host follows trial(s) " + ", ".join(f"{n:03d}" for n in sorted(orphans))
         text += ": they were cut off and run again on resume.\n"
     print(text)
     return 0
-
-
-def _runner_alive(record: dict[str, Any], is_alive: Any) -> bool:
-    launch = record.get("runner") or {}
-    return bool(launch) and is_alive(launch)
 
 
 def _run(spec: Any, folder: Path, args: argparse.Namespace) -> int:

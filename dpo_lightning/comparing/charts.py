@@ -90,9 +90,10 @@ def plot_family(runs: list[Run], stem: str, title: str, patterns: list[str], yla
     if not columns:
         return None
     groups = variants(runs)
+    show_beta = len({g.beta for g in groups}) > 1
     ncols = min(3, len(columns))
     nrows = math.ceil(len(columns) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(10.0, 5.2 * ncols), 3.8 * nrows + 1), squeeze=False)
     banded = False
     for ax, column in zip(axes.flat, columns, strict=False):  # spare panels hidden below
         plotted: list[float] = []
@@ -101,7 +102,7 @@ def plot_family(runs: list[Run], stem: str, title: str, patterns: list[str], yla
             if not steps:
                 continue
             mean = _ema(mean, smooth)
-            ax.plot(steps, mean, label=g.label, **style)
+            ax.plot(steps, mean, label=g.legend(show_beta), **style)
             if any(half):
                 banded = True
                 low = [m - h for m, h in zip(mean, half, strict=True)]
@@ -165,7 +166,7 @@ def plot_final_vs_params(runs: list[Run], out: Path, metric: str | None = None) 
         return None
     plt = _pyplot()
     palette = colours([r.loss for r in done])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.6 * len(names), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(max(8.0, 5.6 * len(names)), 4.8), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=True):
         for loss, points in final_points(done, name, metric).items():
             xs, mean, half, ns = (list(c) for c in zip(*points, strict=True))
@@ -182,7 +183,7 @@ def plot_final_vs_params(runs: list[Run], out: Path, metric: str | None = None) 
         ax.set_ylabel(f"final {metric}")
         ax.set_title(f"final {metric} vs {name}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Final {metric} per loss — mean over seeds, bars and shading: 95% CI", fontsize=12)
+    fig.suptitle(f"Final {metric} per loss: mean over seeds, bars and shading 95% CI", fontsize=11)
     n = _legend(fig, axes)
     fig.tight_layout(rect=(0, 0.05 + 0.04 * math.ceil(n / 3), 1, 0.94))
     path = out / "final_vs_params.png"

@@ -37,7 +37,11 @@ class Variant:
 
     @property
     def label(self) -> str:
-        beta = "" if self.beta is None else f" β={self.beta:g}"
+        return self.legend(show_beta=True)
+
+    def legend(self, show_beta: bool) -> str:
+        """The variant's legend entry; β left out when every variant shown has the same one."""
+        beta = "" if self.beta is None or not show_beta else f" β={self.beta:g}"
         extras = "".join(f" {k.split('.')[-1]}={v}" for k, v in self.extras.items())
         seeds = f"  (n={len(self.runs)} seeds)" if len(self.runs) > 1 else f"  ({self.runs[0].label})"
         return f"{self.loss}{beta}{extras}{seeds}"
