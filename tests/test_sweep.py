@@ -301,6 +301,14 @@ def test_sighup_then_resume_runs_only_the_remaining_trials(tmp_path):
     assert len(record.read_text().splitlines()) == 4
 
 
+def test_max_trials_takes_the_first_grid_points_and_a_larger_budget_the_next(tmp_path):
+    path = write_sweep(tmp_path, "cap", {"x": {"values": [2, 0, 1]}})
+    assert sweep.main([str(path), "--out", str(tmp_path / "cap"), "--max-trials", "2", "--poll", "0.05"]) == 0
+    assert [r["params"]["x"] for r in records(tmp_path / "cap")] == [2, 0]
+    assert sweep.main([str(path), "--out", str(tmp_path / "cap"), "--poll", "0.05"]) == 0
+    assert [r["params"]["x"] for r in records(tmp_path / "cap")] == [2, 0, 1]
+
+
 def test_runner_refuses_a_changed_file_and_an_endless_random_sweep(tmp_path, capsys):
     path = write_sweep(tmp_path, "s", {"x": {"values": [0]}})
     assert sweep.main([str(path), "--out", str(tmp_path / "s")]) == 0

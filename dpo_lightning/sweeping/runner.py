@@ -85,8 +85,8 @@ class Runner:
         self.budget = min(caps)
         st, self.where = storage.open_storage(args.storage, folder)
         self.study = storage.create_or_load(st, spec, args.seed, self.budget)
-        if spec.method == "random" and self.budget > int(self.study.user_attrs.get("queued", 0)):
-            storage.extend_queue(self.study, spec, self.budget)  # a larger --max-trials: more of wandb's draws
+        if spec.method != "bayes" and self.budget > int(self.study.user_attrs.get("queued", 0)):
+            storage.extend_queue(self.study, spec, self.budget)  # a larger --max-trials: the next points
         if spec.method == "bayes":
             known = len(self.study.trials)  # seeded with the trial count: a resumed sweep does not replay proposals
             startup = max(2, min(10, self.budget // 3))  # random trials before TPE models; a third of small budgets

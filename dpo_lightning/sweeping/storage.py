@@ -67,9 +67,9 @@ def _hide_password(url: str) -> str:
 
 
 def queue_points(spec: SweepSpec, seed: int, budget: int) -> list[dict[str, Any]]:
-    """The points a queued sweep runs, in order: the whole grid, or the first ``budget`` random draws."""
+    """The points a queued sweep runs, in order: the first ``budget`` of the grid or of the random draws."""
     if spec.method == "grid":
-        return spec.grid()
+        return spec.grid()[:budget]
     return spec.random_draws(seed, budget)
 
 
