@@ -435,6 +435,10 @@ def run_part1(
 
         for title, claims_of in ONPOLICY_GROUPS:
             group(title, lambda claims_of=claims_of: claims_of(seed))
+        from dpo_lightning.reproduce.bandit_ppo import PPO_GROUPS, ppo_markdown
+
+        for title, claims_of in PPO_GROUPS:
+            group(title, lambda claims_of=claims_of: claims_of(seed))
     (s_d1, th_d1), (s_two, th_two) = runs
     figures = [
         plot_d1(s_d1, th_d1, out_dir / "bandit_d1_trajectories.png"),
@@ -456,5 +460,5 @@ def run_part1(
   `population_optimum` rows); the largest standard deviation of a final IPO probability across seeds is
   {float(ipo_std):.4f}.
 - **Per-pair optima**: L-BFGS over the scalar margin h for β ∈ {list(BETAS)}.
-{family_markdown(seed)}{onpolicy_markdown(seed)}"""
+{family_markdown(seed)}{onpolicy_markdown(seed)}{ppo_markdown(seed)}"""
     return claims, {"figures": [str(f.relative_to(out_dir)) for f in figures], "markdown": markdown}
