@@ -107,12 +107,14 @@ def plot_family(runs: list[Run], stem: str, title: str, patterns: list[str], yla
                 banded = True
                 low = [m - h for m, h in zip(mean, half, strict=True)]
                 high = [m + h for m, h in zip(mean, half, strict=True)]
-                ax.fill_between(steps, low, high, color=style["color"], alpha=0.15, linewidth=0)
+                ax.fill_between(steps, low, high, color=style["color"], alpha=_band_alpha(len(groups)), linewidth=0)
             plotted += mean
         # Variants' losses differ in scale (IPO's squared margin vs DPO's ~ln 2): a log axis keeps all readable.
         log = bool(plotted) and min(plotted) > 0 and max(plotted) / min(plotted) > 50
         if log:
             ax.set_yscale("log")
+        else:  # the runs' own range: a 2-seed t-band (t = 12.7) would otherwise set the scale
+            _limit_to(ax, [v for r in runs for _, v in r.curves.get(column, [])])
         ax.set_title(column)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
@@ -120,7 +122,7 @@ def plot_family(runs: list[Run], stem: str, title: str, patterns: list[str], yla
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(columns) :]:
         ax.set_visible(False)
-    band = " — mean over seeds, shaded: 95% CI" if banded else ""
+    band = " — mean over seeds, shaded: 95% CI (cut at the runs' range)" if banded else ""
     fig.suptitle(title + (f" (EMA {smooth:g})" if smooth else "") + band, fontsize=13)
     n = _legend(fig, axes)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(n / 3), 1, 0.95))
@@ -175,7 +177,11 @@ def plot_final_vs_params(runs: list[Run], out: Path, metric: str | None = None) 
             if any(half):
                 low = [m - h for m, h in zip(mean, half, strict=True)]
                 high = [m + h for m, h in zip(mean, half, strict=True)]
-                ax.fill_between(xs, low, high, color=palette[loss], alpha=0.12)
+                ax.fill_between(xs, low, high, color=palette[loss], alpha=_band_alpha(2 * len({r.loss for r in done})))
+        for r in done:  # the seeds themselves, small: with 2 seeds the t-interval is wide (t = 12.7)
+            if (x := _x(r, name)) is not None:
+                ax.scatter([x], [r.final(metric)], color=palette[r.loss], s=14, alpha=0.55, zorder=3)
+        _limit_to(ax, [r.final(metric) for r in done])
         xs_all = {_x(r, name) for r in done} - {None}
         if min(xs_all) > 0 and len(xs_all) > 2 and max(xs_all) / min(xs_all) > 20:
             ax.set_xscale("log")
@@ -183,13 +189,27 @@ def plot_final_vs_params(runs: list[Run], out: Path, metric: str | None = None) 
         ax.set_ylabel(f"final {metric}")
         ax.set_title(f"final {metric} vs {name}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Final {metric} per loss: mean over seeds, bars and shading 95% CI", fontsize=11)
+    fig.suptitle(f"Final {metric} per loss: mean over seeds (line), each seed (dots),\n"
+                 "95% CI (bars, shading; cut at the runs' range)", fontsize=11)  # fmt: skip
     n = _legend(fig, axes)
     fig.tight_layout(rect=(0, 0.05 + 0.04 * math.ceil(n / 3), 1, 0.94))
     path = out / "final_vs_params.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _band_alpha(lines: int) -> float:
+    """Fainter bands when many overlap, so the mean lines stay visible."""
+    return max(0.03, min(0.18, 0.6 / max(1, lines)))
+
+
+def _limit_to(ax: Any, values: list[float]) -> None:
+    """y limits around the individual runs' values (bands that reach past them are cut at the frame)."""
+    if values:
+        low, high = min(values), max(values)
+        pad = 0.08 * (high - low) or 0.05 * (abs(high) or 1.0)
+        ax.set_ylim(low - pad, high + pad)
 
 
 def _ema(values: list[float], alpha: float) -> list[float]:
