@@ -37,7 +37,8 @@ def test_prompt_tokens_are_context_and_eos_ends_the_response(tiny_tokenizer):
 def test_whole_text_and_truncation(tiny_tokenizer):
     tok = tiny_tokenizer
     (full,) = tokenize_sft(tok, ["The film was great fine lovely."], max_length=64)
-    assert all(x != IGNORE_INDEX for x in full["labels"]) and full["input_ids"][-1] == tok.eos_token_id
+    assert full["input_ids"][0] == tok.bos_token_id  # an empty prompt: the BOS predicts the first token
+    assert all(x != IGNORE_INDEX for x in full["labels"][1:]) and full["input_ids"][-1] == tok.eos_token_id
     (cut,) = tokenize_sft(tok, ["The film was great fine lovely."], max_length=3)
     assert cut["input_ids"] == full["input_ids"][:3]  # a text cut short does not end with EOS
     assert cut["input_ids"][-1] != tok.eos_token_id
@@ -143,7 +144,7 @@ def test_formats_text_messages_and_preference_pairs(tmp_path, tiny_tokenizer):
                                                                 else "great fine.")  # fmt: skip
     assert rows["messages"]["input_ids"] == rows["explicit"]["input_ids"]
     assert rows["messages"]["labels"] == rows["explicit"]["labels"]
-    assert IGNORE_INDEX not in rows["text"]["labels"]
+    assert IGNORE_INDEX not in rows["text"]["labels"][1:]  # all target after the BOS an empty prompt becomes
     assert rows["hh"]["labels"].count(IGNORE_INDEX) > 0 and rows["hh"]["labels"][-1] == tiny_tokenizer.eos_token_id
 
 

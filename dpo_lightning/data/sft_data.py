@@ -23,7 +23,7 @@ from dpo_lightning.data.chat import PLAIN_TURN, ChatRenderer
 from dpo_lightning.data.formats import BadRow, apply_columns
 from dpo_lightning.data.sft_rows import SFTFormat, detect_sft_format, make_sft_parser
 from dpo_lightning.data.sources import Source
-from dpo_lightning.data.tokenize import TruncationMode, prompt_ids, response_ids, truncate_row
+from dpo_lightning.data.tokenize import TruncationMode, joint_ids, truncate_row
 from dpo_lightning.errors import ConfigError, DataError
 from dpo_lightning.logps import IGNORE_INDEX
 from dpo_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -47,14 +47,16 @@ def tokenize_sft(
     responses that were themselves cut (e.g. samples stopped at a token budget): an EOS after them would teach the
     model to stop where the budget, not the text, ended.
     """
-    prompt_part = prompt_ids(tokenizer, list(prompts)) if prompts is not None else [[] for _ in responses]
-    response_part = response_ids(tokenizer, list(responses))
+    texts = list(prompts) if prompts is not None else [""] * len(responses)  # "": the BOS (or EOS) leads
+    encoded = joint_ids(tokenizer, texts, [[r] for r in responses])  # the preference data's prompt/response cut
+    prompt_part, response_part = [p for p, _, _ in encoded], [rs[0] for _, rs, _ in encoded]
     if not add_eos:
-        response_part = [r[:-1] for r in response_part]  # response_ids always ends with the EOS
+        response_part = [r[:-1] for r in response_part]  # joint_ids always ends a response with the EOS
     keep = max_length if max_prompt_length is None else max_prompt_length
     rows = []
     for p, r in zip(prompt_part, response_part, strict=True):
-        p, r = truncate_row(p, r, max_length=max_length, max_prompt_length=keep, truncation_mode=truncation_mode)
+        p, r = truncate_row(p, r, max_length=max_length, max_prompt_length=keep, truncation_mode=truncation_mode,
+                            bos_token_id=tokenizer.bos_token_id)  # fmt: skip
         rows.append({"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r})
     return rows
 
