@@ -90,7 +90,8 @@ def joint_ids(
 ) -> list[tuple[list[int], list[list[int]], int]]:
     """Per prompt and its responses (one, or chosen and rejected): (prompt ids, each response's ids ending in one
     EOS, prompt tokens the boundary moved into the responses). ``prompt ids + response ids`` is the tokenization of
-    ``prompt + response`` (BOS once, trailing EOS made one); the rule is in the module docstring."""
+    ``prompt + response`` (BOS once, trailing EOS made one; an empty prompt's one start token before it where the
+    tokenizer writes no BOS); the rule is in the module docstring."""
     eos = _eos(tokenizer)
     alone = prompt_ids(tokenizer, prompts)
     joint = iter(_encode(tokenizer, [p + r for p, rs in zip(prompts, responses, strict=True) for r in rs]))
