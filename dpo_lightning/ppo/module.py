@@ -134,6 +134,12 @@ class PPOModule(pl.LightningModule):
             raise ConfigError("PPOModule needs the tokenizer (the ppo command links it from data.tokenizer)")
         self.tokenizer = tokenizer
         self.policy = build_causal_lm(policy, policy_config, tokenizer)
+        rows = self.policy.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            raise ConfigError(
+                f"the tokenizer has {len(tokenizer)} tokens but the policy's embedding {rows} rows: set data.tokenizer "
+                "to the policy's own tokenizer directory"
+            )
         self.policy.train()
         frozen = copy.deepcopy(self.policy) if reference is None else build_causal_lm(reference, None, tokenizer)
         if disable_dropout:
