@@ -20,7 +20,7 @@ from dpo_lightning.lora import AdapterOffReference
 from dpo_lightning.module import PreferenceModule
 from dpo_lightning.reference import model_fingerprint
 
-from helpers import DDP, FSDP, TINY_GPT2, assert_same_curves, make_datamodule, quiet_trainer, shared_run
+from helpers import DDP, FSDP, TINY_GPT2, curve, make_datamodule, metric_rows, quiet_trainer, shared_run
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "lora_dropout": 0.0}
 LORA_ARGS = ("--model.peft_config", json.dumps(LORA))
@@ -209,12 +209,25 @@ def test_lora_config_errors(assets):
 
 
 # --------------------------------------------------------------------------- distributed (2 processes, gloo)
+SHORT = ("--trainer.max_steps", "3")  # 3 steps, validation at step 2 (base.yaml), a checkpoint every step
+
+
+def _same_curves(a: Path, b: Path) -> None:
+    for key in ("train/loss", "train/rewards/margins", "val/loss"):
+        ca, cb = curve(metric_rows(a), key), curve(metric_rows(b), key)
+        assert ca and ca.keys() == cb.keys() and all(abs(ca[s] - cb[s]) <= 1e-5 for s in ca), (key, ca, cb)
+    assert len(curve(metric_rows(a), "train/loss")) == 3
+
+
+def _single(assets: Path) -> Path:
+    return shared_run(assets, "lora_single_1x8", "--data.batch_size", "8", *SHORT, *LORA_ARGS, in_process=True)
+
+
 def test_lora_fsdp2_matches_one_process_and_exports(assets, tmp_path):
     """2-process FSDP2 with LoRA (adapters and frozen base sharded per decoder block) gives the 1-process
     curve; its sharded checkpoint holds the adapters only, and exports to the same merged model."""
-    single = shared_run(assets, "lora_single_1x8", "--data.batch_size", "8", *LORA_ARGS, in_process=True)
-    fsdp = shared_run(assets, "lora_fsdp_2x4", *FSDP, *LORA_ARGS)
-    assert_same_curves(fsdp, single)
+    single, fsdp = _single(assets), shared_run(assets, "lora_fsdp_2x4", *FSDP, *SHORT, *LORA_ARGS)
+    _same_curves(fsdp, single)
     ckpt = fsdp / "checkpoints" / "last.ckpt"
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -229,5 +242,4 @@ def test_lora_fsdp2_matches_one_process_and_exports(assets, tmp_path):
 
 @pytest.mark.slow  # DDP runs the unsharded module; the FSDP2 test above is the distributed guard of make test
 def test_lora_ddp_matches_one_process(assets):
-    single = shared_run(assets, "lora_single_1x8", "--data.batch_size", "8", *LORA_ARGS, in_process=True)
-    assert_same_curves(shared_run(assets, "lora_ddp_2x4", *DDP, *LORA_ARGS), single)
+    _same_curves(shared_run(assets, "lora_ddp_2x4", *DDP, *SHORT, *LORA_ARGS), _single(assets))

@@ -80,3 +80,28 @@ def test_reference_tables_are_keyed_by_the_data(assets, tmp_path):
     assert "val/loss" in _validate(fitted, assets, assets / "val.jsonl", trainer)  # the same data: its table
     with pytest.raises(ConfigError, match="left memory when training started"):
         _validate(fitted, assets, other_val, trainer)
+
+
+@pytest.mark.parametrize("n,world", [(1, 4), (3, 4), (5, 2)])
+def test_padding_a_tiny_split_to_the_world_stays_inside_it(monkeypatch, n, world):
+    """Each rank scores the same number of rows, the padding repeating real rows: n=1 on 4 ranks asked for rows 1
+    and 2 of a 1-row split (``range(-n % world)`` counted past its end). Every row is scored by some rank."""
+    from types import SimpleNamespace
+
+    import dpo_lightning.reference as store
+
+    asked: list[list[int]] = []
+
+    def score(module, dataset, rows, collate, batch_size):
+        asked.append(list(rows))
+        return torch.stack([torch.tensor(rows, dtype=torch.float64), torch.zeros(len(rows)), torch.zeros(len(rows))])
+
+    monkeypatch.setattr(store, "score_rows", score)
+    monkeypatch.setattr(store, "_lengths", lambda dataset: [1] * len(dataset))
+    dataset = list(range(n))
+    for rank in range(world):
+        strategy = SimpleNamespace(world_size=world, global_rank=rank, all_gather=lambda t: torch.stack([t] * world))
+        store.compute_split(SimpleNamespace(trainer=SimpleNamespace(strategy=strategy), device="cpu"), dataset, None, 8)
+    assert len({len(rows) for rows in asked}) == 1
+    assert all(0 <= row < n for rows in asked for row in rows)
+    assert {row for rows in asked for row in rows} == set(range(n))
