@@ -128,7 +128,8 @@ def test_reward_goes_up(tmp_path, prompts_file, tiny_tokenizer):
 
 def test_cli_on_imdb_prompts(tmp_path):
     """``dpo-lightning ppo --config experiments/tiny_ppo.yaml`` on 200 IMDb reviews, 8 updates: the run folder holds the
-    resolved config, the tokenizer, a checkpoint, and every ``train/ppo/*`` metric, finite, KL 0 at the first update."""
+    resolved config, the tokenizer, a checkpoint, and every ``train/ppo/*`` metric, finite, KL 0 at the first update;
+    ``dpo-lightning export`` turns the checkpoint into a model directory."""
     if not (IMDB / "train.jsonl.gz").exists():
         pytest.skip("needs ../shared/data/imdb")
     with gzip.open(IMDB / "train.jsonl.gz", "rt") as f:
@@ -147,6 +148,9 @@ def test_cli_on_imdb_prompts(tmp_path):
     for key in PPO_KEYS:
         assert all(math.isfinite(float(r[f"train/ppo/{key}"])) for r in rows), key
     assert float(rows[0]["train/ppo/kl"]) == 0.0 and float(rows[0]["train/ppo/approx_kl"]) < 1e-6  # π = π_ref, ρ = 1
+    exported = cli_main("export", str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr[-2000:]  # the policy alone: the value head is left out
+    assert (tmp_path / "export" / "model.safetensors").exists() and (tmp_path / "export" / "tokenizer.json").exists()
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
