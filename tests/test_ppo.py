@@ -13,6 +13,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 
 from dpo_lightning.errors import ConfigError
 from dpo_lightning.ppo import PPOModule, PromptDataModule
@@ -129,7 +130,7 @@ def test_reward_goes_up(tmp_path, prompts_file, tiny_tokenizer):
 def test_cli_on_imdb_prompts(tmp_path):
     """``dpo-lightning ppo --config experiments/tiny_ppo.yaml`` on 200 IMDb reviews, 8 updates: the run folder holds the
     resolved config, the tokenizer, a checkpoint, and every ``train/ppo/*`` metric, finite, KL 0 at the first update;
-    ``dpo-lightning export`` turns the checkpoint into a model directory."""
+    ``dpo-lightning export`` turns the checkpoint into a model directory, and a PPO run from it reads its tokenizer."""
     if not (IMDB / "train.jsonl.gz").exists():
         pytest.skip("needs ../shared/data/imdb")
     with gzip.open(IMDB / "train.jsonl.gz", "rt") as f:
@@ -151,6 +152,15 @@ def test_cli_on_imdb_prompts(tmp_path):
     exported = cli_main("export", str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
     assert exported.returncode == 0, exported.stderr[-2000:]  # the policy alone: the value head is left out
     assert (tmp_path / "export" / "model.safetensors").exists() and (tmp_path / "export" / "tokenizer.json").exists()
+    # PPO from that model directory: data.tokenizer defaults to the directory's tokenizer, not a new BPE
+    again = cli_main("ppo", "--config", "experiments/tiny_ppo.yaml", "--data.train_files", str(data),
+                     "--model.policy_config", "null", "--model.policy", str(tmp_path / "export"),
+                     "--data.batch_size", "8", "--trainer.max_steps", "1", "--run.dir", str(tmp_path / "again"),
+                     "--run.wandb", "false")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())["data"]["tokenizer"] == str(
+        tmp_path / "export"
+    )
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])

@@ -6,11 +6,13 @@
 It is ``fit`` of a LightningCLI over :class:`~dpo_lightning.ppo.module.PPOModule` and
 :class:`~dpo_lightning.ppo.data.PromptDataModule`: a wrong key fails before anything runs, the resolved config is
 saved in the run folder, and the run folder and loggers (``run.*``) are those of ``dpo-lightning fit``.
-``data.updates_per_rollout`` is set from ``model.ppo_epochs × model.num_minibatches`` and the data's tokenizer is
-handed to the model.
+``data.updates_per_rollout`` is set from ``model.ppo_epochs × model.num_minibatches``, the data's tokenizer is
+handed to the model, and ``data.tokenizer`` defaults to ``model.policy`` when that directory holds a tokenizer.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from dpo_lightning.cli import RunConfig, build_loggers, flat_config
 
@@ -28,6 +30,13 @@ def main(argv: list[str]) -> int:
             parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
             parser.link_arguments(("model.ppo_epochs", "model.num_minibatches"), "data.updates_per_rollout",
                                   compute_fn=lambda epochs, parts: epochs * parts)  # fmt: skip
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand]
+            policy = config.model.get("policy")
+            # a model directory brings its tokenizer: a BPE trained on the prompts would mean nothing to it
+            if config.data.get("tokenizer") is None and policy and Path(policy, "tokenizer_config.json").is_file():
+                config.data.tokenizer = str(policy)
 
         def instantiate_trainer(self, **kwargs):
             config = self.config_init[self.subcommand]
