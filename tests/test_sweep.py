@@ -183,6 +183,33 @@ def test_a_sweep_trial_is_named_after_the_sweep_and_grouped_per_variant(monkeypa
     assert apply_sweep_defaults(RunConfig(sweep="s", group=""), "dpo", 0.5).group is None
 
 
+def test_build_loggers_names_a_sweep_trial_for_wandb(tmp_path, monkeypatch):
+    """`--run.sweep` reaches WandbLogger: name, group, tags and the agent's project (arguments bound against
+    WandbLogger's own signature)."""
+    import inspect
+
+    import lightning.pytorch.loggers as pl_loggers
+
+    from dpo_lightning.cli import RUN_DIR_ENV, RunConfig, build_loggers
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            inspect.signature(pl_loggers.WandbLogger).bind(**kwargs)
+            seen.update(kwargs)
+
+    monkeypatch.setattr(pl_loggers, "WandbLogger", Recorder)
+    monkeypatch.setenv(RUN_DIR_ENV, "x")  # recorded, so the teardown restores its absence after build_loggers sets it
+    monkeypatch.delenv(RUN_DIR_ENV)
+    monkeypatch.setenv("WANDB_RUN_ID", "r1d2")
+    monkeypatch.setenv("WANDB_PROJECT", "from-agent")
+    _, run_dir = build_loggers(RunConfig(dir=str(tmp_path / "t"), name="tiny_cpu", sweep="ln"), "ipo", 0.5)
+    assert (seen["name"], seen["group"], seen["tags"], seen["project"]) == ("ln-r1d2", "ln-ipo-beta0.5", ["ln"],
+                                                                            "from-agent")  # fmt: skip
+    assert seen["job_type"] == "ipo" and run_dir == str(tmp_path / "t")
+
+
 # -- the runner, with fake trials --------------------------------------------------------------------------
 def test_bayes_proposes_within_bounds_and_random_draws_are_wandbs(tmp_path, monkeypatch):
     """6 trials, 2 at a time. bayes: Optuna's TPE, whose model proposes (non-empty relative samples) once its
