@@ -194,6 +194,9 @@ def test_errors(prompts_file, tiny_tokenizer, tmp_path):
     dm.updates_per_rollout = 3
     with pytest.raises(ConfigError, match="updates_per_rollout is 3"):
         _trainer(tmp_path, 2, []).fit(module, dm)
+    module, dm = make_run(prompts_file, tiny_tokenizer, batch_size=1)
+    with pytest.raises(ConfigError, match=r"data.batch_size \(1 prompts per rollout batch\) must be >= model.num_mini"):
+        _trainer(tmp_path, 2, []).fit(module, dm)
     result = cli_main("ppo", "--config", "experiments/tiny_ppo.yaml", "--model.reward", "no_such_module:fn",
                       "--data.train_files", str(prompts_file), "--data.prompt_field", "prompt",
                       "--data.prefix_tokens", "null", "--trainer.max_steps", "1", "--run.dir", str(tmp_path / "bad"),

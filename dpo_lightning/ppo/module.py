@@ -238,6 +238,12 @@ class PPOModule(pl.LightningModule):
                 f"data.updates_per_rollout is {repeats}, but model.ppo_epochs × model.num_minibatches is "
                 f"{self.updates_per_rollout}: set them to agree (the ppo command does)"
             )
+        batch = getattr(dm, "batch_size", None)
+        if batch is not None and batch < self.hparams.num_minibatches:
+            raise ConfigError(
+                f"data.batch_size ({batch} prompts per rollout batch) must be >= model.num_minibatches "
+                f"({self.hparams.num_minibatches}): every minibatch needs a response"
+            )
         log_dir = self.trainer.log_dir
         if self.trainer.loggers and log_dir and self.trainer.is_global_zero:
             self.tokenizer.save_pretrained(f"{log_dir}/tokenizer")
