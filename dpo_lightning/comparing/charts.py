@@ -96,23 +96,22 @@ def plot_family(runs: list[Run], stem: str, title: str, patterns: list[str], yla
     fig, axes = plt.subplots(nrows, ncols, figsize=(max(10.0, 5.2 * ncols), 3.8 * nrows + 1), squeeze=False)
     banded = False
     for ax, column in zip(axes.flat, columns, strict=False):  # spare panels hidden below
-        plotted: list[float] = []
-        for g, style in zip(groups, styles(groups), strict=True):
-            steps, mean, half = g.curve(column)
-            if not steps:
-                continue
-            mean = _ema(mean, smooth)
+        lines = [(g, style, *g.curve(column)) for g, style in zip(groups, styles(groups), strict=True)]
+        lines = [(g, style, steps, _ema(mean, smooth), half) for g, style, steps, mean, half in lines if steps]
+        plotted = [v for *_, mean, _ in lines for v in mean]
+        # Variants' losses differ in scale (IPO's squared margin vs DPO's ~ln 2): a log axis keeps all readable.
+        log = bool(plotted) and min(plotted) > 0 and max(plotted) / min(plotted) > 50
+        floor = min(plotted) / 3 if log else -math.inf  # a band's lower edge on a log axis stays above 0
+        for g, style, steps, mean, half in lines:
             ax.plot(steps, mean, label=g.legend(show_beta), **style)
             if any(half):
                 banded = True
-                low = [m - h for m, h in zip(mean, half, strict=True)]
+                low = [max(floor, m - h) for m, h in zip(mean, half, strict=True)]
                 high = [m + h for m, h in zip(mean, half, strict=True)]
                 ax.fill_between(steps, low, high, color=style["color"], alpha=_band_alpha(len(groups)), linewidth=0)
-            plotted += mean
-        # Variants' losses differ in scale (IPO's squared margin vs DPO's ~ln 2): a log axis keeps all readable.
-        log = bool(plotted) and min(plotted) > 0 and max(plotted) / min(plotted) > 50
         if log:
             ax.set_yscale("log")
+            ax.set_ylim(floor, max(v for r in runs for _, v in r.curves.get(column, [])) * 1.5)
         else:  # the runs' own range: a 2-seed t-band (t = 12.7) would otherwise set the scale
             _limit_to(ax, [v for r in runs for _, v in r.curves.get(column, [])])
         ax.set_title(column)
