@@ -14,7 +14,6 @@ yet it moves and casts with the module. Under ``trainer.strategy: fsdp`` both mo
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import math
@@ -26,15 +25,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics import MeanMetric
 
 from dpo_lightning import reference as ref_store
 from dpo_lightning.errors import ConfigError
+from dpo_lightning.eval_means import EvalMeans
 from dpo_lightning.guards import NonFiniteGuard
 from dpo_lightning.logps import Aggregation, response_lengths, response_logps, sequence_logps
-from dpo_lightning.models import build_causal_lm
-from dpo_lightning.models import disable_dropout as zero_dropout
+from dpo_lightning.models import Attention, DType, build_models
 from dpo_lightning.objective import Objective, loss_settings
+from dpo_lightning.online import online_sampler
+from dpo_lightning.progress import step_progress_bar
 from dpo_lightning.reference_sync import ReferenceSync, SyncConfig
 from dpo_lightning.strategy import (
     all_gather_objects,
@@ -48,10 +48,6 @@ from dpo_lightning.strategy import (
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-def _key(metric: str) -> str:
-    return metric.replace("/", "__")
 
 
 class PreferenceModule(pl.LightningModule):
@@ -88,6 +84,11 @@ class PreferenceModule(pl.LightningModule):
         activation_checkpointing: bool = False,
         guard_non_finite: bool = True,
         score_response_only: bool = True,
+        torch_dtype: DType = "float32",
+        attn_implementation: Attention = "sdpa",
+        trust_remote_code: bool = False,
+        peft_config: dict[str, Any] | None = None,
+        online: dict[str, Any] | None = None,
         tokenizer: Any = None,
     ):
         """The policy, its reference, and the preference loss.
@@ -139,6 +140,15 @@ class PreferenceModule(pl.LightningModule):
             score_response_only: run the output layer (hidden -> vocabulary) only at positions whose next token
                 is a response token; the log-probs are the same, the step is ~3x faster and lighter on HH at small
                 model sizes. Turn off for a model whose forward does not end in its output embeddings.
+            online: online DPO (``dpo_lightning.online``): ``{reward: SPEC, samples_per_prompt: 2, labels:
+                best_worst, max_new_tokens: 32, temperature: 1.0}`` samples every step's pairs from the policy and
+                ranks them with the reward (the data supplies the prompts); null trains on the data's pairs.
+            torch_dtype: dtype of the loaded weights (``auto``: as saved); ``bfloat16`` with ``precision: bf16-true``.
+            attn_implementation: ``sdpa`` (default), ``eager``, or ``flash_attention_2`` (needs flash-attn and a GPU).
+            trust_remote_code: let a model directory run its own Python code (off: only transformers' models).
+            peft_config: LoRA (``dpo_lightning.lora``): peft ``LoraConfig`` keys, e.g. ``{r: 8, lora_alpha: 16,
+                target_modules: [q_proj, v_proj]}``; the reference is the policy with its adapters off, and
+                checkpoints hold the adapters only. null: full fine-tuning.
             tokenizer: set by the CLI from the data module (``data.tokenizer``); sizes a policy built from a config.
         """
         super().__init__()
@@ -178,6 +188,7 @@ class PreferenceModule(pl.LightningModule):
                 "(cdpo, rdpo, exo_pair only)"
             )
         self.loss_name = self.objective.name
+        self.online = online_sampler(online, precompute_reference, self.objective)  # None: offline pairs
         self.beta = beta
         self.tokenizer = tokenizer
 
@@ -188,6 +199,11 @@ class PreferenceModule(pl.LightningModule):
                 "model.reference_sync (TR-DPO) updates the reference during training: it cannot be used with "
                 "model.precompute_reference or model.reference_free"
             )
+        if reference_sync is not None and peft_config is not None:
+            raise ConfigError(
+                "model.reference_sync (TR-DPO) with model.peft_config: a LoRA run's reference is its base model with "
+                "the adapters off, which cannot move toward the policy without a second copy; drop one of the two"
+            )
         if reference_sync is not None and not self.objective.needs_reference:
             raise ConfigError(f"model.reference_sync: loss {self.objective.name!r} uses no reference")
         # SimPO, ORPO, SFT (and mixtures of them) never read a reference: none is built or run
@@ -195,22 +211,12 @@ class PreferenceModule(pl.LightningModule):
         if precompute_reference and reference_free:
             raise ConfigError(f"model.precompute_reference: loss {self.objective.name!r} uses no reference")
 
-        self.policy = build_causal_lm(policy, policy_config, tokenizer)
-        # from_pretrained returns eval mode and Lightning keeps submodule modes: train mode, so dropout (when
-        # not disabled) is live in training steps
-        self.policy.train()
-        if reference_free:
-            frozen = None
-        elif reference is None:
-            frozen = copy.deepcopy(self.policy)
-        else:
-            frozen = build_causal_lm(reference, None, tokenizer)
-        for model in (self.policy, frozen):
-            if model is not None and disable_dropout:
-                zero_dropout(model)
-        if frozen is not None:
-            frozen.requires_grad_(False)
-            frozen.eval()
+        self.policy, frozen = build_models(self.hparams, tokenizer, reference_free=reference_free)  # models.py
+        if peft_config is not None:  # checkpoints hold the adapters only (lora.py); the base is rebuilt on resume
+            from dpo_lightning.lora import keep_trainable_state
+
+            keep_trainable_state(self)
+            self.strict_loading = False
         self._set_reference(frozen)
         self.reference_fingerprint: str | None = None  # set in setup(), before any sharding
         self._reference_tables: dict[str, ref_store.ReferenceLogps] = {}
@@ -220,9 +226,8 @@ class PreferenceModule(pl.LightningModule):
         self._window_step, self._window_sums, self._window_start = -1, None, 0.0  # one optimizer step's batches
 
         self.metric_names = self.objective.metric_names()
-        self.metrics = nn.ModuleDict(
-            {stage: nn.ModuleDict({_key(m): MeanMetric() for m in self.metric_names}) for stage in ("val", "test")}
-        )
+        # val/test epoch means: repeats of a distributed sampler left out, a NaN an error (eval_means.py)
+        self.eval_means = EvalMeans(self.metric_names, prog_bar=("loss", "rewards/accuracies"))
 
     # ------------------------------------------------------------------ the reference, outside the state dict
     @property
@@ -291,6 +296,8 @@ class PreferenceModule(pl.LightningModule):
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.online is not None:  # online DPO: this step's pairs are sampled from the policy (online.py)
+            batch = self.online.pair_batch(self, batch)
         loss, values = self.model_step(batch)
         n = batch["index"].shape[0]
         means = self._global_means(values, n, batch["attention_mask"].sum())
@@ -307,7 +314,7 @@ class PreferenceModule(pl.LightningModule):
         (values, weights) is a weighted mean (the desirable rows of an unpaired batch, say)."""
         names = list(values)
         pairs = [v if isinstance(v, tuple) else (v, None) for v in values.values()]
-        totals = [(v.float() * w if w is not None else v.float()).sum() for v, w in pairs]
+        totals = [(torch.where(w != 0, v.float() * w, 0.0) if w is not None else v.float()).sum() for v, w in pairs]
         counts = [w.float().sum() if w is not None else tokens.new_tensor(n).float() for _, w in pairs]
         sums = torch.stack([*totals, *counts, tokens.float()])
         if self.trainer.world_size > 1:
@@ -316,27 +323,17 @@ class PreferenceModule(pl.LightningModule):
         k = len(names)
         return {name: self._window_sums[i] / self._window_sums[k + i].clamp(min=1e-12) for i, name in enumerate(names)}
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        _, values = self.model_step(batch, stage)
-        metrics = self.metrics[stage]
-        for name, value in values.items():
-            value, weight = value if isinstance(value, tuple) else (value, torch.ones_like(value))
-            if not weight.any():  # no row of this kind in the batch (e.g. no desirable row)
-                continue
-            metrics[_key(name)].update(value, weight)
-            self.log(
-                f"{stage}/{name}",
-                metrics[_key(name)],
-                on_step=False,
-                on_epoch=True,
-                prog_bar=name in ("loss", "rewards/accuracies"),
-            )
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self.eval_means.update(self, "val", self.model_step(batch, "val")[1], batch_idx, batch["index"])
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self.eval_means.update(self, "test", self.model_step(batch, "test")[1], batch_idx, batch["index"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.eval_means.check_finite(self, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self.eval_means.check_finite(self, "test")
 
     # ------------------------------------------------------------------ throughput and lr
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -383,7 +380,7 @@ class PreferenceModule(pl.LightningModule):
     # ------------------------------------------------------------------ sharding
     def setup(self, stage: str) -> None:
         if self.reference is not None and self.reference_fingerprint is None:
-            self.reference_fingerprint = ref_store.weights_fingerprint(self.reference)  # before sharding
+            self.reference_fingerprint = ref_store.model_fingerprint(self.reference)  # before sharding
 
     def configure_model(self) -> None:
         """Lightning calls this on every process before building the optimizer: activation checkpointing, and
@@ -401,6 +398,7 @@ class PreferenceModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         callbacks: list[pl.Callback] = [NonFiniteGuard()] if self.hparams.guard_non_finite else []
+        callbacks += step_progress_bar(self.trainer)  # `Epoch 0/-2` -> optimizer steps out of max_steps
         if self.hparams.get("reference_sync") is not None:
             callbacks.append(ReferenceSync(self.hparams.reference_sync))
         return callbacks
@@ -411,10 +409,10 @@ class PreferenceModule(pl.LightningModule):
         reference from memory."""
         if not self.hparams.precompute_reference:
             return
-        missing = [split for split in splits if split not in self._reference_tables]
-        if missing:
-            self._reference_tables.update(ref_store.prepare_splits(self, missing))
-        if self.trainer.state.fn == "fit" and self.reference is not None:
+        self._reference_tables.update(ref_store.prepare_splits(self, splits, self._reference_tables))  # by data key
+        # a LoRA policy's reference (adapters off) holds no weights of its own: it stays
+        holds_weights = self.reference is not None and next(self.reference.parameters(), None) is not None
+        if self.trainer.state.fn == "fit" and holds_weights:
             self._set_reference(None)  # training runs the policy alone from here
             gc.collect()
             if torch.cuda.is_available():
@@ -465,6 +463,10 @@ class PreferenceModule(pl.LightningModule):
                 "checkpoints: resume with the same model.policy/model.reference and, for a model built from "
                 "model.policy_config, the same seed_everything."
             )
+        if self.hparams.get("peft_config") is not None:  # strict_loading is off for the absent base weights
+            from dpo_lightning.lora import check_adapter_state
+
+            check_adapter_state(self, checkpoint)
         self.objective.load_state_dict(meta.get("objective") or {})
         if meta.get("reference_state") is not None and self.reference is not None:
             # TR-DPO: the reference as it was when the checkpoint was saved (sharded or not; collective)
