@@ -203,3 +203,34 @@ def test_errors(prompts_file, tiny_tokenizer, tmp_path):
                       "--run.wandb", "false")  # fmt: skip
     assert result.returncode == 2
     assert "reward 'no_such_module:fn': cannot import it" in result.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_resume_mid_rollout_is_exact(tmp_path, prompts_file, tiny_tokenizer_dir):
+    """FSDP2, 2 processes: a run of 8 updates writes a sharded checkpoint after update 6 (the middle of rollout 2); a
+    second run resumed from it logs steps 7-8 exactly as the first did. Slow (two 2-process launches); the sharded
+    path itself is guarded by ``test_two_processes[fsdp]``, exact resume in one process by the test above."""
+    overlay = tmp_path / "every6.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args:\n"
+        f"        dirpath: {tmp_path / 'ckpt'}\n        every_n_train_steps: 6\n        save_top_k: -1\n"
+    )
+    common = ["--data.train_files", str(prompts_file), "--data.prompt_field", "prompt", "--data.prefix_tokens", "null",
+              "--data.strip_html", "false", "--data.tokenizer", str(tiny_tokenizer_dir), "--data.batch_size", "4",
+              "--model.policy_config", json.dumps(TINY_GPT2), "--model.max_new_tokens", "4", "--model.kl_target", "1.0",
+              "--model.reward", json.dumps(REWARD), "--trainer.max_steps", "8", "--trainer.devices", "2",
+              "--trainer.strategy", "fsdp", "--trainer.log_every_n_steps", "1", "--run.wandb", "false"]  # fmt: skip
+    config = ("ppo", "--config", "experiments/tiny_ppo.yaml", "--config", str(overlay))
+    full = run_cli(*config, *common, "--run.dir", str(tmp_path / "full"), env=cli_env(threads=1))
+    assert full.returncode == 0, full.stderr[-3000:]
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=6.ckpt"
+    resumed = run_cli(*config, *common, "--run.dir", str(tmp_path / "resumed"), "--ckpt_path", str(ckpt),
+                      env=cli_env(threads=1))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    before = {r["step"]: r for r in metric_rows(tmp_path / "full")}
+    after = metric_rows(tmp_path / "resumed")
+    assert [r["step"] for r in after] == ["6", "7"]  # steps 7 and 8, 0-based in the CSV
+    for row in after:
+        assert {k: v for k, v in row.items() if "tokens_per_sec" not in k} == {
+            k: v for k, v in before[row["step"]].items() if "tokens_per_sec" not in k
+        }
