@@ -314,6 +314,25 @@ def test_kto_masks_select_rows():
         assert rewards_c[i].item() == pytest.approx(beta * d) and rewards_r[i].item() == pytest.approx(beta * d)
 
 
+def test_kto_masked_out_rows_with_infinite_logps_stay_finite():
+    """A row outside its mask does not count, whatever its log-probs: −inf log-probs there (−inf − −inf = NaN)
+    leave the other rows' losses, and every gradient, finite; the masked row's loss and gradients are 0. Masking
+    by multiplication gives NaN·0 = NaN."""
+    beta, z0 = 0.5, 0.25
+    inf = float("inf")
+    pc = torch.tensor([-1.0, -inf], dtype=torch.float64, requires_grad=True)
+    rc = torch.tensor([-2.0, -inf], dtype=torch.float64)
+    chosen_mask = torch.tensor([True, False])
+    losses, _, _ = kto_loss(
+        pc, pc, rc, rc, beta=beta, kl_reference=torch.tensor(z0), chosen_mask=chosen_mask, rejected_mask=chosen_mask,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(losses.sum(), [pc])
+    d = -1.0 - -2.0
+    assert losses[0].item() == pytest.approx(sig(-beta * (d - z0)) + sig(-beta * (z0 - d)), rel=1e-12)
+    assert losses[1].item() == 0.0
+    assert torch.isfinite(grad).all() and grad[1].item() == 0.0
+
+
 def test_kto_reference_point_is_detached():
     """z₀ is a batch statistic of the policy, but KTO (Eq. 7) treats it as a constant: no gradient flows into it."""
     z0 = torch.tensor(0.4, requires_grad=True)

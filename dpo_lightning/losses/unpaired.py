@@ -58,11 +58,15 @@ def kto_loss(
     z0 = kl_reference.detach() if isinstance(kl_reference, Tensor) else kl_reference
     chosen = policy_chosen_logps - reference_chosen_logps
     rejected = policy_rejected_logps - reference_rejected_logps
+    # a row outside its mask is selected out with `where`, before the sigmoid: multiplying by 0 would turn a
+    # non-finite log-prob of a row that does not count (−inf − −inf = NaN) into a NaN loss and NaN gradients
+    kept_chosen = chosen if chosen_mask is None else torch.where(chosen_mask, chosen, z0)
+    kept_rejected = rejected if rejected_mask is None else torch.where(rejected_mask, rejected, z0)
     # Eq. 7 of arXiv 2402.01306, with 1 − σ(x) = σ(−x)
-    desirable = desirable_weight * torch.sigmoid(-beta * (chosen - z0))
-    undesirable = undesirable_weight * torch.sigmoid(-beta * (z0 - rejected))
+    desirable = desirable_weight * torch.sigmoid(-beta * (kept_chosen - z0))
+    undesirable = undesirable_weight * torch.sigmoid(-beta * (z0 - kept_rejected))
     if chosen_mask is not None:
-        desirable = desirable * chosen_mask.to(desirable.dtype)
+        desirable = torch.where(chosen_mask, desirable, 0.0)
     if rejected_mask is not None:
-        undesirable = undesirable * rejected_mask.to(undesirable.dtype)
+        undesirable = torch.where(rejected_mask, undesirable, 0.0)
     return desirable + undesirable, beta * chosen.detach(), beta * rejected.detach()
