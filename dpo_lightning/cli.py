@@ -4,12 +4,14 @@
     dpo-lightning validate|test --config ... --ckpt_path runs/<run>/checkpoints/last.ckpt
     dpo-lightning audit --config experiments/tiny_cpu.yaml [--data.max_length 256] [--out DIR]
     dpo-lightning export runs/<run>/checkpoints/last.ckpt OUT_DIR     (a Hugging Face model directory)
+    dpo-lightning sft --config experiments/tiny_sft.yaml   (the SFT stage; writes <run folder>/export for fit)
     dpo-lightning sweep|compare|reproduce ...   (see ``dpo-lightning <command> --help``)
 
 ``fit``/``validate``/``test`` are LightningCLI: every ``__init__`` argument of PreferenceModule (``model.*``),
 PreferenceDataModule (``data.*``) and the Trainer (``trainer.*``) is a config key, and a wrong key fails
 before anything runs. ``run.*`` names the run folder and the loggers: a CSV log always, and wandb, offline
-unless you are logged in or set ``WANDB_MODE``.
+unless you are logged in or set ``WANDB_MODE``; the run folder is ``run.dir``, else
+``<trainer.default_root_dir or runs>/<name>-<time>``. ``sft`` is the same for SFTModule and SFTDataModule.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ EXTRA_COMMANDS = {
     "sweep": "dpo_lightning.sweep",
     "compare": "dpo_lightning.compare",
     "reproduce": "dpo_lightning.reproduce.__main__",
-    "audit": "dpo_lightning.data.audit",
+    "audit": "dpo_lightning.audit",
     "export": "dpo_lightning.export",
     "bench": "dpo_lightning.bench.__main__",
+    "iterate": "dpo_lightning.iterative",
+    "ppo": "dpo_lightning.ppo.cli",
 }
 
 
@@ -53,6 +57,9 @@ class RunConfig:
     """Log to wandb (offline unless logged in or WANDB_MODE is set) besides the CSV file."""
     wandb_project: str = "dpo-lightning"
     """wandb project."""
+    sweep: str | None = None
+    """Name of the sweep this run is a trial of: names it <sweep>-<run id>, groups it per (loss, β) (see
+    dpo_lightning/sweeping/identity.py)."""
     csv_flush_every: int = 10
     """Write metrics.csv every this many logged steps, so sweeps can read a run's progress while it runs."""
 
@@ -88,25 +95,32 @@ def flat_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def default_run_dir(name: str) -> str:
-    """runs/<name>-<id>: the scheduler's job id when there is one, so every process of a job picks the same folder."""
+def default_run_dir(name: str, root: str = "runs") -> str:
+    """<root>/<name>-<id>: the scheduler's job id when there is one, so every process of a job picks the same folder."""
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if job != "none":
-        return f"runs/{name}-{job}"
+        return f"{root}/{name}-{job}"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by an external launcher without a run id
         from dpo_lightning.errors import ConfigError
 
         raise ConfigError("run.dir: set --run.dir when a launcher starts the processes, so they share one folder")
-    return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{root}/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def build_loggers(run: RunConfig, loss: str, beta: float, settings: dict | None = None) -> tuple[list, str]:
-    """The CSV logger (always) and the wandb logger (when enabled and installed), both writing to the run folder."""
+def build_loggers(
+    run: RunConfig, loss: str, beta: float | None, settings: dict | None = None, root: str | None = None
+) -> tuple[list, str]:
+    """The CSV logger (always) and the wandb logger (when enabled and installed), both writing to the run folder:
+    ``run.dir``, else ``<root>/<name>-<time>`` (``root``: ``trainer.default_root_dir``, default ``runs``)."""
     from lightning.pytorch.loggers import CSVLogger
 
-    name = run.name or f"{loss}-beta{beta:g}"
+    if run.sweep:
+        from dpo_lightning.sweeping.identity import apply_sweep_defaults
+
+        run = apply_sweep_defaults(run, loss, beta)
+    name = run.name or (f"{loss}-beta{beta:g}" if beta is not None else loss)
     launching = RUN_DIR_ENV not in os.environ  # False in the processes Lightning starts for a multi-process run
-    run_dir = run.dir or os.environ.get(RUN_DIR_ENV) or default_run_dir(name)
+    run_dir = run.dir or os.environ.get(RUN_DIR_ENV) or default_run_dir(name, root or "runs")
     os.environ[RUN_DIR_ENV] = run_dir  # child processes of a multi-process launch reuse the same folder
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     metrics = Path(run_dir) / "metrics.csv"
@@ -145,8 +159,17 @@ def _unpair_for_unpaired_losses(config) -> None:
         config.data.unpair = True
 
 
-def _lightning_cli(argv: list[str] | None) -> int:
-    """Run LightningCLI on ``argv`` (``None``: on sys.argv, as a console script does)."""
+def _tokenizer_of_policy(config) -> None:
+    """A model directory brings its tokenizer: ``data.tokenizer`` unset and ``model.policy`` a local directory with
+    tokenizer files (an SFT export, a downloaded checkpoint) -> that tokenizer, not a new BPE the model cannot read."""
+    policy = config.model.get("policy")
+    if config.data.get("tokenizer") is None and policy and Path(policy, "tokenizer_config.json").is_file():
+        config.data.tokenizer = str(policy)
+
+
+def _lightning_cli(argv: list[str] | None, sft: bool = False) -> int:
+    """Run LightningCLI on ``argv`` (``None``: on sys.argv, as a console script does); ``sft``: the SFT stage
+    (SFTModule and SFTDataModule, trained as ``fit`` trains)."""
     from lightning.pytorch.cli import LightningCLI
 
     from dpo_lightning.data import PreferenceDataModule
@@ -159,6 +182,9 @@ def _lightning_cli(argv: list[str] | None) -> int:
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
+            _tokenizer_of_policy(config)
+            if sft:
+                return
             if config.model.label_smoothing == "label_noise":  # cDPO's ε follows the data's flip rate
                 config.model.label_smoothing = config.data.label_noise
             _unpair_for_unpaired_losses(config)
@@ -168,12 +194,18 @@ def _lightning_cli(argv: list[str] | None) -> int:
             if config["trainer"].get("logger") in (None, True):
                 model = config["model"]
                 settings = flat_config(self.config[self.subcommand].as_dict())
-                kwargs["logger"], _ = build_loggers(config["run"], model.loss_name, model.beta, settings)
+                identity = ("sft", None) if sft else (model.loss_name, model.beta)
+                root = config["trainer"].get("default_root_dir")  # honoured: the run folder goes under it
+                kwargs["logger"], _ = build_loggers(config["run"], *identity, settings, root=root)
             return super().instantiate_trainer(**kwargs)
 
+    classes = (PreferenceModule, PreferenceDataModule)
+    if sft:  # `sft ARGS` is `fit ARGS` of the SFT module
+        from dpo_lightning.sft import SFTDataModule, SFTModule
+
+        classes, argv = (SFTModule, SFTDataModule), ["fit", *(argv or [])]
     PreferenceCLI(
-        PreferenceModule,
-        PreferenceDataModule,
+        *classes,
         args=argv,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
@@ -190,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if words and words[0] in EXTRA_COMMANDS:
             return int(importlib.import_module(EXTRA_COMMANDS[words[0]]).main(words[1:]) or 0)
+        if words and words[0] == "sft":
+            return _lightning_cli(words[1:], sft=True)
         return _lightning_cli(argv)
     except UserError as err:
         print(f"dpo-lightning: error: {err}", file=sys.stderr)
