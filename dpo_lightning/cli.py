@@ -159,7 +159,7 @@ def _unpair_for_unpaired_losses(config) -> None:
         config.data.unpair = True
 
 
-def _tokenizer_of_policy(config) -> None:
+def tokenizer_from_policy(config) -> None:
     """A model directory brings its tokenizer: ``data.tokenizer`` unset and ``model.policy`` a local directory with
     tokenizer files (an SFT export, a downloaded checkpoint) -> that tokenizer, not a new BPE the model cannot read."""
     policy = config.model.get("policy")
@@ -182,7 +182,7 @@ def _lightning_cli(argv: list[str] | None, sft: bool = False) -> int:
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
-            _tokenizer_of_policy(config)
+            tokenizer_from_policy(config)
             if sft:
                 return
             if config.model.label_smoothing == "label_noise":  # cDPO's ε follows the data's flip rate

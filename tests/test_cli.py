@@ -66,7 +66,8 @@ def test_fit_tiny_config_writes_every_metric_and_logs_wandb_offline(tmp_path):
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")))
 def test_every_experiment_config_parses(config):
-    command = "sft" if config.endswith("_sft.yaml") else "fit"  # an SFT config is the sft command's
+    # an SFT or PPO config is its own command's; the rest are fit configs or overlays on one
+    command = {"_sft.yaml": "sft", "_ppo.yaml": "ppo"}.get(config[config.rfind("_") :], "fit")
     result = cli_main(command, "--config", f"experiments/{config}", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "model:" in result.stdout and "data:" in result.stdout

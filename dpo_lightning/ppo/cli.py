@@ -12,9 +12,7 @@ handed to the model, and ``data.tokenizer`` defaults to ``model.policy`` when th
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from dpo_lightning.cli import RunConfig, build_loggers, flat_config
+from dpo_lightning.cli import RunConfig, build_loggers, flat_config, tokenizer_from_policy
 
 
 def main(argv: list[str]) -> int:
@@ -32,17 +30,16 @@ def main(argv: list[str]) -> int:
                                   compute_fn=lambda epochs, parts: epochs * parts)  # fmt: skip
 
         def before_instantiate_classes(self) -> None:
-            config = self.config[self.subcommand]
-            policy = config.model.get("policy")
-            # a model directory brings its tokenizer: a BPE trained on the prompts would mean nothing to it
-            if config.data.get("tokenizer") is None and policy and Path(policy, "tokenizer_config.json").is_file():
-                config.data.tokenizer = str(policy)
+            tokenizer_from_policy(self.config[self.subcommand])  # a model directory brings its tokenizer
 
         def instantiate_trainer(self, **kwargs):
             config = self.config_init[self.subcommand]
             if config["trainer"].get("logger") in (None, True):
                 settings = flat_config(self.config[self.subcommand].as_dict())
-                kwargs["logger"], _ = build_loggers(config["run"], "ppo", config["model"].hparams.kl_coef, settings)
+                root = config["trainer"].get("default_root_dir")  # honoured, as fit does
+                kwargs["logger"], _ = build_loggers(
+                    config["run"], "ppo", config["model"].hparams.kl_coef, settings, root=root
+                )
             return super().instantiate_trainer(**kwargs)
 
     args = list(argv)
