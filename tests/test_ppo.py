@@ -27,6 +27,7 @@ from helpers import (
     cli_main,
     metric_rows,
     run_cli,
+    run_ranks,
     synthetic_pairs,
     write_jsonl,
 )
@@ -169,13 +170,13 @@ def test_two_processes(tmp_path, prompts_file, tiny_tokenizer_dir, strategy):
     sharded on its own, reductions over ranks), and DDP (slow: the same reductions, Lightning's DDP wrapper around a
     manual-optimization step): 4 updates run, and the two ranks sampled disjoint prompts."""
     run = tmp_path / strategy
-    result = run_cli("ppo", "--config", "experiments/tiny_ppo.yaml", "--data.train_files", str(prompts_file),
+    result = run_ranks("ppo", "--config", "experiments/tiny_ppo.yaml", "--data.train_files", str(prompts_file),
                      "--data.prompt_field", "prompt", "--data.prefix_tokens", "null", "--data.strip_html", "false",
                      "--data.tokenizer", str(tiny_tokenizer_dir), "--data.batch_size", "4",
                      "--model.policy_config", json.dumps(TINY_GPT2), "--model.max_new_tokens", "4",
                      "--model.reward", json.dumps(REWARD), "--trainer.max_steps", "4", "--trainer.devices", "2",
                      "--trainer.strategy", strategy, "--trainer.log_every_n_steps", "1", "--run.dir", str(run),
-                     "--run.wandb", "false", env=cli_env(threads=1))  # fmt: skip
+                     "--run.wandb", "false")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metric_rows(run)
     assert len(rows) == 4 and all(math.isfinite(float(r["train/ppo/value_loss"])) for r in rows)

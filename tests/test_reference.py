@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,14 @@ from dpo_lightning.export import main as export
 
 from helpers import (
     FSDP,
-    ROOT,
     assert_exported,
     assert_same_curves,
-    cli_env,
-    fit_args,
+    fit_argv,
     fsdp_run,
     in_process_fit,
     make_datamodule,
     plain_run,
+    run_ranks,
 )
 
 
@@ -130,9 +128,8 @@ def test_fsdp_two_ranks_compute_and_reuse(assets, tmp_path):
         if len(load_file(str(path))["index"]) == 64:
             os.remove(path)
     run_dir = tmp_path / "fsdp_precompute"
-    args = fit_args(assets, run_dir, *FSDP, "--trainer.strategy", "fsdp_single_file",
-                    "--model.precompute_reference", "true", "--model.reference_cache_dir", str(cache))  # fmt: skip
-    result = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=420)
+    precompute = ("--model.precompute_reference", "true", "--model.reference_cache_dir", str(cache))
+    result = run_ranks(*fit_argv(assets, run_dir, *FSDP, "--trainer.strategy", "fsdp_single_file", *precompute))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "reference log-probs (train): computing 64 rows" in result.stderr
     assert "reference log-probs (val): reusing" in result.stderr
