@@ -36,7 +36,7 @@ from dpo_lightning.data.sft_data import SFTCollator, SFTDataModule, tokenize_sft
 from dpo_lightning.errors import ConfigError
 from dpo_lightning.eval_means import EvalMeans
 from dpo_lightning.logps import IGNORE_INDEX
-from dpo_lightning.models import build_causal_lm
+from dpo_lightning.models import Attention, DType, build_causal_lm
 from dpo_lightning.models import disable_dropout as zero_dropout
 from dpo_lightning.progress import step_progress_bar
 
@@ -64,6 +64,9 @@ class SFTModule(pl.LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         save_dir: str | None = None,
+        torch_dtype: DType = "float32",
+        attn_implementation: Attention = "sdpa",
+        trust_remote_code: bool = False,
         tokenizer: Any = None,
     ):
         """A causal LM trained with the mean next-token cross-entropy over target tokens.
@@ -81,13 +84,19 @@ class SFTModule(pl.LightningModule):
             save_dir: at the end of training, save the model (and the tokenizer) here as a Hugging Face
                 directory, the form ``model.policy`` of a DPO run loads; ``None``: ``<run folder>/export`` when
                 the run has a log folder (``dpo-lightning sft`` always has one), else nowhere.
+            torch_dtype, attn_implementation, trust_remote_code: how ``policy`` is loaded, as in ``fit``
+                (:func:`dpo_lightning.models.build_causal_lm`): weights' dtype, attention kernel, and whether a
+                model directory may run its own code (off unless asked for).
             tokenizer: sizes a model built from ``policy_config`` (set by the CLI from the data module).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0, got {lr}")
-        self.policy = build_causal_lm(policy, policy_config, tokenizer)
+        self.policy = build_causal_lm(
+            policy, policy_config, tokenizer, torch_dtype=torch_dtype, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
         if disable_dropout:
             zero_dropout(self.policy)
         self.tokenizer = tokenizer

@@ -58,6 +58,7 @@ from helpers import (  # noqa: E402 - after the environment above, before anythi
     TINY_GPT2,
     make_assets,
     make_datamodule,
+    part1_with,
     synthetic_pairs,
     write_jsonl,
 )
@@ -155,6 +156,14 @@ TOY_PART2 = {
     "context": 24, "sft_steps": 4, "sft_batch": 16, "pref_prompts": 6, "max_new_tokens": 6, "betas": (0.1, 1.0),
     "method_steps": 2, "method_batch": 8, "warmup_steps": 1, "eval_steps": (1, 2), "eval_prompts": 12, "workers": 1,
 }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def part1_cli_run(tmp_path_factory, adam_runs) -> tuple[int, Path]:
+    """``--part 1 --seed 0`` through the reproduce command, once per session (helpers.part1_with): (exit status,
+    out folder with claims.json, README.md and the figures)."""
+    out = tmp_path_factory.mktemp("reproduce-part1")
+    return part1_with(adam_runs, out), out
 
 
 @pytest.fixture(scope="session")

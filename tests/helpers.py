@@ -436,3 +436,21 @@ def family_tokenizer(family: str, chat_template: str | None = "default", vocab_s
         tokenizer.chat_template = CHAT_TEMPLATES.get(template, template) if template else None
         return tokenizer
     return train_family_tokenizer(family_texts(), family, vocab_size=vocab_size, chat_template=chat_template)
+
+
+def part1_with(adam_runs, out: Path) -> int:
+    """``python -m dpo_lightning.reproduce --part 1 --seed 0`` end to end, in this process, except that the 18,000-step
+    Adam run is the session's (``adam_runs``: the same seed and settings)."""
+    import pytest
+
+    import dpo_lightning.reproduce.__main__ as cli
+    from dpo_lightning.reproduce import bandit
+
+    def cached(problems, *, seed, **sgd):
+        assert seed == 0 and sgd == {k: bandit.SGD[k] for k in ("steps", "lr", "batch_size")}
+        assert problems == [bandit.D1, bandit.TWO_ACTIONS]
+        return adam_runs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bandit, "train_bandits", cached)
+        return cli.main(["--part", "1", "--out", str(out), "--seed", "0"])

@@ -25,6 +25,8 @@ import dpo_lightning.reproduce.__main__ as cli
 from dpo_lightning.reproduce import bandit
 from dpo_lightning.reproduce.claims import Claim, deviation, format_claims_table, within
 
+from helpers import part1_with
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -35,25 +37,6 @@ def _sigmoid(x: float) -> float:
 def test_the_adam_setting_is_the_papers():
     """Azar et al. §5.4: Adam, 18,000 steps, learning rate 0.01, minibatches of 9 pairs, 10 seeds (replicas)."""
     assert bandit.SGD == {"steps": 18_000, "lr": 0.01, "batch_size": 9, "n_seeds": 10}
-
-
-def _part1_with(adam_runs, out: Path) -> int:
-    """`--part 1 --seed 0` end to end, except that the Adam run is the session's (same seed, same settings)."""
-
-    def cached(problems, *, seed, **sgd):
-        assert seed == 0 and sgd == {k: bandit.SGD[k] for k in ("steps", "lr", "batch_size")}
-        assert problems == [bandit.D1, bandit.TWO_ACTIONS]
-        return adam_runs
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bandit, "train_bandits", cached)
-        return cli.main(["--part", "1", "--out", str(out), "--seed", "0"])
-
-
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, adam_runs):
-    out = tmp_path_factory.mktemp("reproduce")
-    return _part1_with(adam_runs, out), out
 
 
 # --- the claim groups, against the closed forms ----------------------------------------------------------
@@ -146,9 +129,9 @@ def paper_claims(rows: list[dict]) -> list[dict]:
     return head
 
 
-def test_cli_part1_writes_claims_figures_and_report(cli_run):
+def test_cli_part1_writes_claims_figures_and_report(part1_cli_run):
     """Every claim passes and is reported, the papers' 26 first (PAPER_GROUPS), with both figures."""
-    rc, out = cli_run
+    rc, out = part1_cli_run
     assert rc == 0
     rows = json.loads((out / "claims.json").read_text())
     names = {f.name for f in fields(Claim)}
@@ -173,10 +156,10 @@ def test_adam_runs_are_deterministic_per_seed():
     assert torch.equal(run[0][1][1], run[2][1][1])  # the two-action problem has no sampling at all
 
 
-def test_cli_claims_are_the_claim_groups_output(cli_run, adam_runs):
+def test_cli_claims_are_the_claim_groups_output(part1_cli_run, adam_runs):
     """claims.json starts with exactly the paper claim groups' output at the same seed, serialised by
     write_claims (the same ``json.dumps`` of the dataclass rows)."""
-    _, out = cli_run
+    _, out = part1_cli_run
     (s1, th1), (s2, th2) = adam_runs
     claims = (
         bandit.dpo_optimum_claims(seed=0)
@@ -190,13 +173,13 @@ def test_cli_claims_are_the_claim_groups_output(cli_run, adam_runs):
     assert not torch.equal(bandit.make_bandit(1)["rewards"], bandit.make_bandit(0)["rewards"])
 
 
-def test_same_seed_same_claims_through_the_cli(cli_run, adam_runs, tmp_path):
+def test_same_seed_same_claims_through_the_cli(part1_cli_run, adam_runs, tmp_path):
     """The fast half of "the same seed gives the same claims": a second `--part 1 --seed 0` (every claim group
     recomputed: L-BFGS optima, per-pair optima, claims from the Adam trajectories, serialisation) writes a
     byte-identical claims.json; the Adam run itself is deterministic per seed (above). The slow test below runs
     the whole thing twice, Adam included (make test-full)."""
-    assert _part1_with(adam_runs, tmp_path) == 0
-    assert (tmp_path / "claims.json").read_bytes() == (cli_run[1] / "claims.json").read_bytes()
+    assert part1_with(adam_runs, tmp_path) == 0
+    assert (tmp_path / "claims.json").read_bytes() == (part1_cli_run[1] / "claims.json").read_bytes()
 
 
 @pytest.mark.slow

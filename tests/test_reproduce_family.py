@@ -11,7 +11,9 @@ by one with a planted error (a sign flipped in one term): the claims call the lo
 from __future__ import annotations
 
 import functools
+import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -159,13 +161,14 @@ def test_planted_sign_error_fails_a_claim(monkeypatch, group, loss, plant):
         assert others and all(c.passed for c in others), [c.id for c in others if not c.passed]
 
 
-def test_run_part1_includes_the_family(monkeypatch, tmp_path, family_claims):
-    """run_part1 runs every family group, with the same verdicts, and its report section describes them (the
-    Adam run is shortened: the D1 / two-action claims are not what this test checks)."""
-    monkeypatch.setitem(bandit.SGD, "steps", 20)
-    claims, extra = bandit.run_part1(tmp_path, seed=0, log=lambda _: None)
-    by_id = {c.id: c for c in claims}
+def test_run_part1_includes_the_family(part1_cli_run, family_claims):
+    """The reproduce command's Part 1 (the session's run) holds every family group's claims, with the verdicts and
+    measured values the groups give on their own, and its report has the family's section."""
+    rc, out = part1_cli_run
+    assert rc == 0
+    by_id = {row["id"]: row for row in json.loads((out / "claims.json").read_text())}
     for group in family_claims.values():
         for c in group:
-            assert by_id[c.id].passed == c.passed and by_id[c.id].measured == c.measured
-    assert "Loss family" in extra["markdown"]
+            written = json.loads(json.dumps(asdict(c), default=float))
+            assert by_id[c.id]["passed"] == c.passed and by_id[c.id]["measured"] == written["measured"], c.id
+    assert "Loss family" in (out / "README.md").read_text()

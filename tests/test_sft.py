@@ -191,3 +191,16 @@ def test_validation_loss_is_the_per_token_mean_of_the_split(tiny_tokenizer):
     with torch.no_grad():
         sums, counts = module.eval().row_losses(SFTCollator(tiny_tokenizer.pad_token_id)(dm.rows["val"]))
     assert logged["val/loss"] == pytest.approx(float(sums.sum() / counts.sum()), rel=1e-5)
+
+
+def test_policy_directory_loads_with_fit_s_settings(assets):
+    """``sft`` loads ``model.policy`` as ``fit`` does: the weights in ``torch_dtype`` (the saved fp32 tiny GPT-2 comes
+    back as bf16 when asked), the attention kernel named by ``attn_implementation``, remote code refused unless
+    asked for (the default)."""
+    from dpo_lightning.sft import SFTModule
+
+    module = SFTModule(policy=str(assets / "policy"), torch_dtype="bfloat16", attn_implementation="eager")
+    assert {p.dtype for p in module.policy.parameters()} == {torch.bfloat16}
+    assert module.policy.config._attn_implementation == "eager"
+    assert SFTModule(policy=str(assets / "policy")).policy.config._attn_implementation == "sdpa"
+    assert module.hparams.trust_remote_code is False

@@ -367,27 +367,28 @@ def _real_sweep(tmp_path: Path, source: Path | None, name: str, parameters: dict
 
 
 def test_grid_sweep_of_real_trials_end_to_end_then_compare(tmp_path, monkeypatch):
-    """3 real trials (dpo, ipo, cdpo), 2 at a time, offline; then `compare` on the sweep folder."""
+    """The first 2 real trials of loss_variants.yaml (dpo, ipo), side by side, offline; then `compare` on the sweep
+    folder. (The order and count of the whole grid are wandb's: test_sweep_engine.)"""
     monkeypatch.chdir(ROOT)
     path = _real_sweep(tmp_path, ROOT / "sweeps" / "loss_variants.yaml", "tiny_grid")
     out = tmp_path / "tiny_grid"
-    assert sweep.main([str(path), "--out", str(out), "--workers", "2", "--max-trials", "3"]) == 0
+    assert sweep.main([str(path), "--out", str(out), "--workers", "2", "--max-trials", "2"]) == 0
     done = records(out)
-    assert [r["state"] for r in done] == ["complete"] * 3, [r.get("log_tail") for r in done]
-    assert [r["params"]["model.loss"] for r in done] == ["dpo", "ipo", "cdpo"]  # loss is the only swept axis
+    assert [r["state"] for r in done] == ["complete"] * 2, [r.get("log_tail") for r in done]
+    assert [r["params"]["model.loss"] for r in done] == ["dpo", "ipo"]  # loss is the only swept axis
     for r in done:
         run_dir = Path(r["run_dir"])
         assert f"loss: {r['params']['model.loss']}" in (run_dir / "config.yaml").read_text()
         assert f"name: tiny_grid-{r['run_id']}" in (run_dir / "config.yaml").read_text()
         assert "val/rewards/accuracies" in (run_dir / "metrics.csv").read_text()
     summary = (out / "summary.csv").read_text().splitlines()
-    assert len(summary) == 4 and summary[0].startswith("rank,trial,state,val/rewards/accuracies")
+    assert len(summary) == 3 and summary[0].startswith("rank,trial,state,val/rewards/accuracies")
 
     from dpo_lightning.compare import main as compare
 
     assert compare([str(out), "--out", str(out / "compare")]) == 0
     assert (out / "compare" / "rewards_margins.png").stat().st_size > 10_000
-    assert (out / "compare" / "index.html").read_text().count("tiny_grid/00") >= 3
+    assert (out / "compare" / "index.html").read_text().count("tiny_grid/00") >= 2
 
 
 FSDP_READY = importlib.util.find_spec("dpo_lightning.strategy") is not None
