@@ -44,6 +44,7 @@ from helpers import (
     make_datamodule,
     metric_rows,
     quiet_trainer,
+    run_ranks,
     single_run,
 )
 
@@ -101,9 +102,8 @@ def test_sigkill_and_resume_fsdp_is_exact(assets, tmp_path):
     before_kill = (run_dir / "metrics.csv").read_text()
 
     start = time.perf_counter()
-    result = subprocess.run(
-        [*args, "--ckpt_path", "last"], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=420
-    )
+    # resumed as a cluster launcher would start it (both ranks at once); the killed run was Lightning's own launch
+    result = run_ranks(*fit_argv(assets, run_dir, *FSDP, *TRDPO), "--ckpt_path", "last")
     resumed_seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-4000:]
 
