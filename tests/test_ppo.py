@@ -81,7 +81,8 @@ def test_resume_mid_rollout_batch_is_exact(tmp_path, prompts_file, tiny_tokenize
     12 ends with the same weights, bit for bit, and logs the same values at steps 7-12, as the run that never stopped.
 
     What must survive: the rollout buffer (every rank's), the adaptive β, the rollout counter (sampling and minibatch
-    seeds derive from it), the optimizer and scheduler, and the data position (batch and phase)."""
+    seeds derive from it), the optimizer and scheduler, and the data position (batch and phase). A reference rebuilt
+    from another seed fails the checkpoint's reference fingerprint: a clear error, not a silent resume."""
     pl.seed_everything(0)
     module, dm = make_run(prompts_file, tiny_tokenizer)
     saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
@@ -103,6 +104,11 @@ def test_resume_mid_rollout_batch_is_exact(tmp_path, prompts_file, tiny_tokenize
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+    pl.seed_everything(1)  # another random init: the rebuilt reference is not the one trained against
+    other_module, other_dm = make_run(prompts_file, tiny_tokenizer)
+    with pytest.raises(ConfigError, match="the reference rebuilt for this run differs"):
+        _trainer(tmp_path, 12, []).fit(other_module, other_dm, ckpt_path=ckpt)
 
 
 def letter_e(prompts: list[str], completions: list[str]) -> list[float]:

@@ -44,6 +44,7 @@ from dpo_lightning.ppo.functions import (
     whiten,
 )
 from dpo_lightning.ppo.rollout import Rollout, ValueHead, pack, policy_outputs
+from dpo_lightning.reference import model_fingerprint
 from dpo_lightning.sampling import sample
 from dpo_lightning.strategy import all_gather_objects, is_fsdp, rank_and_world, shard_model
 
@@ -155,6 +156,7 @@ class PPOModule(pl.LightningModule):
         self.reward = None  # loaded at fit start, on the policy's device
         self.rollout: Rollout | None = None
         self.rollouts_done = 0
+        self.reference_fingerprint: str | None = None  # set in setup(), before any sharding
         self._model_configured = False
         self._step_start = 0.0
 
@@ -300,6 +302,10 @@ class PPOModule(pl.LightningModule):
         return loss.detach()
 
     # ------------------------------------------------------------------ optimizer and sharding
+    def setup(self, stage: str) -> None:
+        if self.reference_fingerprint is None:
+            self.reference_fingerprint = model_fingerprint(self.reference)  # before sharding
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]  # policy and value head; never the reference
@@ -325,11 +331,13 @@ class PPOModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Beside the weights and optimizer: every rank's rollout buffer, β, the rollout counter and the policy's
-        Hugging Face config (``dpo-lightning export`` reads it; the value head is left out of an export)."""
+        """Beside the weights and optimizer: every rank's rollout buffer, β, the rollout counter, the reference's
+        fingerprint (the reference is rebuilt from its source on resume) and the policy's Hugging Face config
+        (``dpo-lightning export`` reads it; the value head is left out of an export)."""
         rollout = self.rollout.state_dict() if self.rollout is not None else None
         checkpoint["dpo_lightning"] = {
             "hf_config": self.policy.config.to_dict(),
+            "reference_fingerprint": self.reference_fingerprint,
             "ppo": {
                 "rollouts": all_gather_objects(rollout),
                 "kl_controller": self.kl_controller.state_dict(),
@@ -338,7 +346,16 @@ class PPOModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = (checkpoint.get("dpo_lightning") or {}).get("ppo")
+        meta = checkpoint.get("dpo_lightning") or {}
+        saved = meta.get("reference_fingerprint")
+        if saved and self.reference_fingerprint and saved != self.reference_fingerprint:
+            raise ConfigError(
+                "the reference rebuilt for this run differs from the one the checkpoint was trained with (weights "
+                f"fingerprint {self.reference_fingerprint} != {saved}). The reference is not stored in checkpoints: "
+                "resume with the same model.policy/model.reference and, for a policy built from model.policy_config, "
+                "the same seed_everything."
+            )
+        state = meta.get("ppo")
         if not state:
             return
         self.kl_controller.load_state_dict(state["kl_controller"])
