@@ -68,6 +68,7 @@ from dpo_lightning.data.tokenize import (
     TruncationMode,
     UnpairedCollator,
 )
+from dpo_lightning.data.train_order import TrainOrderState
 from dpo_lightning.errors import ConfigError, DataError
 from dpo_lightning.tokenizer import load_tokenizer
 
@@ -77,7 +78,7 @@ UNPAIRED_LOADER_COLUMNS = ["prompt_input_ids", "completion_input_ids", "label", 
 CODE_VERSION = Hasher.hash([inspect.getsource(m) for m in (formats, chat, tokenize)])
 
 
-class PreferenceDataModule(pl.LightningDataModule):
+class PreferenceDataModule(TrainOrderState, pl.LightningDataModule):
     def __init__(
         self,
         train_files: str | list[str] | dict[str, Any],
@@ -423,11 +424,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             collate_fn=self.collator(),
             num_workers=self.num_workers,
         )
-        if self._order_state is not None:
-            loader.load_state_dict(self._order_state)
-            self._order_state = None
-        self._train_loader = loader
-        return loader
+        return self.resume_order(loader)
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
@@ -451,18 +448,4 @@ class PreferenceDataModule(pl.LightningDataModule):
     # ---------------------------------------------------------------- checkpointed state
     def state_dict(self) -> dict[str, Any]:
         """``{"seed", "train_order"}``; ``train_order`` is the training loader's position (see the module doc)."""
-        state: dict[str, Any] = {"seed": self.seed}
-        if self._train_loader is not None:
-            state["train_order"] = self._train_loader.state_dict()
-        elif self._order_state is not None:
-            state["train_order"] = self._order_state
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        order = state_dict.get("train_order")
-        if order is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.load_state_dict(order)
-        else:
-            self._order_state = dict(order)
+        return {"seed": self.seed, **self.train_order()}

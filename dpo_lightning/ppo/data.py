@@ -29,6 +29,7 @@ from torch.utils.data import DistributedSampler
 from dpo_lightning.data.sampler import ResumableDataLoader
 from dpo_lightning.data.sources import builder_of
 from dpo_lightning.data.tokenize import prompt_ids
+from dpo_lightning.data.train_order import TrainOrderState
 from dpo_lightning.errors import ConfigError, DataError
 from dpo_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -98,7 +99,7 @@ def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "phase": torch.tensor(phases.pop())}  # fmt: skip
 
 
-class PromptDataModule(pl.LightningDataModule):
+class PromptDataModule(TrainOrderState, pl.LightningDataModule):
     def __init__(
         self,
         train_files: str | list[str],
@@ -207,23 +208,8 @@ class PromptDataModule(pl.LightningDataModule):
                                  num_replicas=world, rank=rank, seed=self.seed)  # fmt: skip
         prompts = _PhasedPrompts(self.prompts, self.updates_per_rollout)
         loader = ResumableDataLoader(prompts, sampler=sampler, collate_fn=collate_prompts, num_workers=self.num_workers)
-        if self._order_state is not None:
-            loader.load_state_dict(self._order_state)
-            self._order_state = None
-        self._train_loader = loader
-        return loader
+        return self.resume_order(loader)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"train_order"}``: the loader's position (epoch, batches served) when there is one."""
-        if self._train_loader is not None:
-            return {"train_order": self._train_loader.state_dict()}
-        return {"train_order": self._order_state} if self._order_state is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        order = state_dict.get("train_order")
-        if order is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.load_state_dict(order)
-        else:
-            self._order_state = dict(order)
+        return self.train_order()
