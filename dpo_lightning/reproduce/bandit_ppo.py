@@ -18,14 +18,16 @@ update, vanish on every rollout batch (not only in expectation).
 
 Tolerances, fixed before the first run: :data:`TOL_PI` = 0.02 on max_a |π(a) − π*(a)|, from a sampling-noise
 argument (about 5 standard errors √(¼/N) of a frequency from the N ≈ 20,000 draws of the annealed last tenth of the
-run first planned), and :data:`TOL_V` = 0.05 on |V − β log Z| (E_π[R] = β log Z − β KL(π ‖ π*), that KL ≲ 0.01
-nats within the policy tolerance, plus the value's fitting noise). The pilot runs (seeds 1-10) then showed that the
-noise argument is pessimistic: the update vanishes at π* on every batch, so the error shrinks with the annealed lr
-instead of settling at a noise floor; the run was shortened to 150 rollout batches of 256 draws (worst over the
-pilots: max |π − π*| = 1.0e-3, |V − β log Z| = 1.0e-3, against 2.7e-3 and 1.2e-3 with 100 batches). The tolerances
-were kept as fixed, not tuned to those results, so they are loose; for the claim to still mean something, a
-companion claim checks that the wrong answers nearest to π* (π_ref, and the optima at 2β and β/2) are each more
-than 2 × TOL_PI away from it.
+run first planned), and :data:`TOL_V` = 0.05 on |V − β log Z| (E_π[R] = β log Z − β KL(π ‖ π*), plus the value's
+fitting noise). TOL_PI does not bound that KL term below TOL_V: on the seed-0 bandit a π at the edge of TOL_PI can
+have β KL(π ‖ π*) up to 0.036 (β = 0.5) and 0.051 (β = 1, the worst vertex of the box ∩ simplex); at the measured π
+(max |π − π*| ~ 1e-3) it is ≲ 1e-3, so V's error is its own. The pilot runs (seeds 1-10) then showed that the noise
+argument is pessimistic: the update vanishes at π* on every batch, so the error shrinks with the annealed lr instead
+of settling at a noise floor; the run was shortened to 150 rollout batches of 256 draws (worst over the pilots: max
+|π − π*| = 1.0e-3, |V − β log Z| = 1.0e-3, against 2.7e-3 and 1.2e-3 with 100 batches). The tolerances were kept as
+fixed, not tuned to those results, so they are loose; for the claim to still mean something, a companion claim
+checks that the wrong answers nearest to π* (π_ref, and the optima at 2β and β/2) are each more than 2 × TOL_PI away
+from it.
 """
 
 from __future__ import annotations
@@ -118,8 +120,9 @@ def ppo_claims(seed: int = 0) -> list[Claim]:
         claims.append(_claim(
             f"ppo.fixed_kl.value.beta{beta}",
             f"PPO's learned value (β={beta}) converges to the optimum's value β log Z = E_π*[r − β log π*/π_ref]; "
-            f"tolerance {TOL_V}: E_π[R] = β log Z − β KL(π‖π*), that KL ≲ 0.01 within the policy tolerance, plus "
-            "the value's fitting noise", EQ4, beta * log_z, float(values[i]), TOL_V))  # fmt: skip
+            f"tolerance {TOL_V}, fixed before running: E_π[R] = β log Z − β KL(π‖π*) (that term ≈ 0 at the measured "
+            "π, though up to 0.05 at the edge of the policy tolerance) plus the value's fitting noise", EQ4,
+            beta * log_z, float(values[i]), TOL_V))  # fmt: skip
         wrong = [log_ref.exp(), optimum(log_ref, r, 2 * beta), optimum(log_ref, r, beta / 2)]
         gaps.append(min(float((w - target).abs().max()) for w in wrong))
     claims.append(Claim(
