@@ -154,3 +154,19 @@ def test_policy_outputs_match_the_models_own_forward(tiny_tokenizer):
             value = head(full.hidden_states[-1][0, position]).item()
             assert out["values"][row, j].item() == pytest.approx(value, abs=1e-5)
         assert (out["logps"][row, len(r) :] == 0).all()
+
+
+def test_bandit_ppo_claim_fails_for_a_wrong_kl_coefficient(monkeypatch):
+    """Part 1's PPO claims can fail: with the KL penalty's β doubled inside the rewards, PPO converges to the optimum
+    at 2β, which ``ppo.fixed_kl.tolerance_separates`` puts more than 2 × TOL_PI from π*, so each β's optimum claim
+    fails while the separation claim (closed forms, no run) still holds. Planted bug: ``kl_coef`` → 2 ``kl_coef``."""
+    from dpo_lightning.reproduce import bandit_ppo
+
+    def doubled(scores, logps, ref_logps, mask, kl_coef):
+        return kl_penalised_rewards(scores, logps, ref_logps, mask, 2 * kl_coef)
+
+    monkeypatch.setattr(bandit_ppo, "kl_penalised_rewards", doubled)
+    claims = {c.id: c for c in bandit_ppo.ppo_claims(0)}
+    for beta in bandit_ppo.PPO_BETAS:
+        assert not claims[f"ppo.fixed_kl.optimum.beta{beta}"].passed, beta
+    assert claims["ppo.fixed_kl.tolerance_separates"].passed
