@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpo_lightning.data.tokenize import prompt_ids, response_ids
-from dpo_lightning.errors import DataError
+from dpo_lightning.errors import ConfigError, DataError
 from dpo_lightning.logps import IGNORE_INDEX
 from dpo_lightning.models import build_causal_lm
 from dpo_lightning.sft import SFTCollator, SFTDataModule, SFTModule, sft_lr_factor, tokenize_sft
@@ -57,6 +57,7 @@ def test_collator_pads_right_and_ignores_padding():
 def test_lr_schedule_shape():
     assert sft_lr_factor(0, 4, 100, "cosine") == pytest.approx(0.2)  # (0 + 1) / (4 + 1)
     assert sft_lr_factor(4, 4, 100, "cosine") == pytest.approx(1.0)
+    assert sft_lr_factor(52, 4, 100, "cosine") == pytest.approx(0.5)  # (52 − 4) / (100 − 4) = ½: ½(1 + cos ½π)
     assert sft_lr_factor(100, 4, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
     assert sft_lr_factor(50, 4, 100, "constant") == 1.0
 
@@ -113,11 +114,26 @@ def test_loss_decreases_on_a_tiny_corpus(tiny_tokenizer, tmp_path):
     assert load_tokenizer(str(tmp_path / "sft")).eos_token_id == tiny_tokenizer.eos_token_id
 
 
-def test_bad_settings():
+def test_bad_settings(tiny_tokenizer):
     with pytest.raises(ValueError, match="lr"):
         SFTModule(policy_config=TINY_GPT2, lr=0.0)
     with pytest.raises(ValueError, match="prompts but"):
         SFTDataModule.from_texts(["a", "b"], prompts=["x"], tokenizer=None)
+    with pytest.raises(ConfigError, match=r"data.val_fraction must be in \[0, 1\)"):
+        SFTDataModule(val_fraction=1.0)  # before: an IndexError at setup, nothing left to train on
+    with pytest.raises(DataError, match="holds out 1, leaving none to train on"):
+        SFTDataModule.from_texts(["one record"], tokenizer=tiny_tokenizer, val_fraction=0.5).setup()
+
+
+def test_a_record_left_without_targets_is_said(tiny_tokenizer):
+    """A prompt that fills max_length (max_prompt_length unset) leaves the response no token: the record trains
+    nothing, and setup says how many such records there are instead of keeping quiet."""
+    long_prompt = " ".join(["The film was"] * 8)
+    dm = SFTDataModule.from_texts([" great.", " fine."], prompts=[long_prompt, "Short:"], tokenizer=tiny_tokenizer,
+                                  max_length=8, val_fraction=0)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"sft data \(train\): 1 of 2 record\(s\) have no target token left"):
+        dm.setup()
+    assert [set(r["labels"]) == {IGNORE_INDEX} for r in dm.rows["train"]] == [True, False]
 
 
 def test_formats_text_messages_and_preference_pairs(tmp_path, tiny_tokenizer):
@@ -156,7 +172,7 @@ def test_bad_records_are_named_or_skipped_and_counted(tmp_path, tiny_tokenizer):
     bad = {"messages": [{"role": "user", "content": "hi"}]}
     path = write_jsonl(tmp_path / "chat.jsonl", [good, bad, good])
     settings = {"train_files": str(path), "tokenizer": str(tmp_path / "tok"), "val_fraction": 0}
-    named = r"chat.jsonl, (record 1|line 2), field 'messages': .*does not end with an assistant"
+    named = r"chat.jsonl, line 2, field 'messages': .*does not end with an assistant"  # 1-based, as `sed -n 2p`
     with pytest.raises(DataError, match=named):
         SFTDataModule(**settings).setup()
     dm = SFTDataModule(**settings, on_bad_row="skip")

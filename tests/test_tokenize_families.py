@@ -141,6 +141,13 @@ def test_keep_end_truncation_keeps_the_bos(family_tokenizers, family):
     assert out["prompt_tokens"][0] == len(full) and out["prompt_len"][0] == 8
 
 
+def test_an_empty_batch_tokenizes_to_nothing(family_tokenizers):
+    """A fast tokenizer raises IndexError on an empty list; an empty batch (or an SFT split with no records) is
+    no rows."""
+    tok = family_tokenizers("llama2", None)
+    assert joint_ids(tok, [], []) == [] and prompt_ids(tok, []) == []
+
+
 def _single_token_word(tok) -> str:
     """A word the tokenizer holds as one token after "I saw ", e.g. "the"."""
     before = len(tok("I saw")["input_ids"])

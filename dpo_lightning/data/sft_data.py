@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from dpo_lightning.data.chat import PLAIN_TURN, ChatRenderer
@@ -143,6 +143,8 @@ class SFTDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"data.max_prompt_length ({max_prompt_length}) must be smaller than data.max_length ({max_length})"
             )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1) (0: no validation split), got {val_fraction}")
         self.train_files = [train_files] if isinstance(train_files, str) else train_files
         self.val_files = [val_files] if isinstance(val_files, str) else val_files
         self.val_fraction = val_fraction
@@ -215,7 +217,7 @@ class SFTDataModule(pl.LightningDataModule):
         data = source.dataset
         if split == "train" and self.max_rows is not None:
             data = data.select(range(min(self.max_rows, len(data))))
-        first = source.where(0).split(",")[0]
+        first = source.file()
         try:
             data = apply_columns(data, self.columns, first)
             fmt = self.format if self.format != "auto" else detect_sft_format(data.column_names, data.features,
@@ -251,12 +253,18 @@ class SFTDataModule(pl.LightningDataModule):
             raise DataError(f"{first}: no usable records in {split} ({len(data)} records, {sum(bad.values())} bad)")
         return out
 
-    def _tokenize(self, records: list[dict[str, str]]) -> list[dict[str, Any]]:
+    def _tokenize(self, records: list[dict[str, str]], split: str) -> list[dict[str, Any]]:
         responses = [r["response"] for r in records]
         prompts = [r["prompt"] for r in records]
         rows = tokenize_sft(self.tokenizer, responses, prompts if any(prompts) else None, max_length=self.max_length,
                             add_eos=self.add_eos, max_prompt_length=self.max_prompt_length,
                             truncation_mode=self.truncation_mode)  # fmt: skip
+        empty = sum(all(label == IGNORE_INDEX for label in row["labels"]) for row in rows)
+        if empty:  # kept (they weigh nothing in the loss), but said: these records train nothing
+            rank_zero_warn(
+                f"sft data ({split}): {empty} of {len(rows)} record(s) have no target token left: the prompt "
+                f"fills data.max_length ({self.max_length}); set data.max_prompt_length below it to keep some response"
+            )
         return [{**row, "index": i} for i, row in enumerate(rows)]
 
     def setup(self, stage: str | None = None) -> None:
@@ -267,10 +275,15 @@ class SFTDataModule(pl.LightningDataModule):
         if "val" not in self._records and self.val_fraction > 0:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
             n_val = max(1, int(round(self.val_fraction * len(train))))
+            if n_val >= len(train):
+                raise DataError(
+                    f"sft data: data.val_fraction {self.val_fraction} of {len(train)} record(s) holds out "
+                    f"{n_val}, leaving none to train on; add records, set data.val_files or data.val_fraction 0"
+                )
             self._records["val"] = [train[i] for i in order[:n_val]]
             train = [train[i] for i in sorted(order[n_val:])]
-        self.rows["train"] = self._tokenize(train)
-        self.rows["val"] = self._tokenize(self._records["val"]) if self._records.get("val") else []
+        self.rows["train"] = self._tokenize(train, "train")
+        self.rows["val"] = self._tokenize(self._records["val"], "val") if self._records.get("val") else []
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -112,8 +112,8 @@ def joint_ids(
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Ids with the tokenizer's special tokens, a BOS doubled by a template that writes one too made one."""
     bos = tokenizer.bos_token_id
-    out = []
-    for seq in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]:
+    out: list[list[int]] = []
+    for seq in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else []:  # [] raises
         if bos is not None and len(seq) >= 2 and seq[0] == bos and seq[1] == bos:
             seq = seq[1:]
         out.append(seq)
