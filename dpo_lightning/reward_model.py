@@ -4,7 +4,8 @@
 
 This is the reward-model form TRL and OpenRLHF train and score with: a transformer whose classification head
 reads the last real token of prompt + completion. A head with one output is the reward; with several,
-``label`` picks the logit used (e.g. 1, "positive", of a two-class sentiment model). Loading is local-only
+``label`` picks the logit used: its index (e.g. 1, the positive class of a two-class sentiment model) or its name
+in the model config's ``label2id`` (e.g. ``"POSITIVE"``). Loading is local-only
 with remote code off and safetensors preferred; scoring is batched, without gradients, on the given device.
 """
 
@@ -28,7 +29,7 @@ class SequenceClassifierReward:
         device: str | torch.device | None = None,
         batch_size: int = 32,
         text: str = "prompt+completion",
-        label: int | None = None,
+        label: int | str | None = None,
         max_length: int | None = None,
     ):
         """
@@ -38,7 +39,8 @@ class SequenceClassifierReward:
             batch_size: texts per forward pass.
             text: ``"prompt+completion"`` (the default: a reward model reads the whole exchange) or
                 ``"completion"``.
-            label: which logit is the reward; ``None`` requires a one-output head.
+            label: which logit is the reward, by index or by name (the config's ``label2id``); ``None`` requires a
+                one-output head.
             max_length: tokens kept per text, cut from the left so the completion's end is always read;
                 ``None``: the model's position limit.
         """
@@ -57,6 +59,11 @@ class SequenceClassifierReward:
         num_labels = self.model.config.num_labels
         if label is None and num_labels != 1:
             raise RewardError(f"reward {str(path)!r}: the head has {num_labels} outputs; set 'label' to the one to use")
+        if isinstance(label, str):
+            names = dict(self.model.config.label2id or {})
+            if label not in names:
+                raise RewardError(f"reward {str(path)!r}: label {label!r} is not one of the head's {sorted(names)}")
+            label = names[label]
         self.label = 0 if label is None else int(label)
         if not 0 <= self.label < num_labels:
             raise RewardError(f"reward {str(path)!r}: label {label} is outside the head's {num_labels} outputs")

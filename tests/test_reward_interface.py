@@ -83,7 +83,14 @@ def test_sequence_classification_directory(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path / "two")
     with pytest.raises(RewardError, match="2 outputs; set 'label'"):
         load_reward(str(tmp_path / "two"))
-    assert load_reward({"path": str(tmp_path / "two"), "label": 1})(PROMPTS, COMPLETIONS).shape == (5,)
+    two = GPT2ForSequenceClassification.from_pretrained(tmp_path / "two").eval()
+    with torch.no_grad():  # both logits of the unpadded text of item 1
+        logits = two.score(two.transformer(ids).last_hidden_state[0, -1])
+    for label, column in ((1, 1), (0, 0), ("LABEL_1", 1)):  # by index, or by name (the config's label2id)
+        picked = load_reward({"path": str(tmp_path / "two"), "label": label})(PROMPTS, COMPLETIONS)
+        torch.testing.assert_close(picked[1], logits[column], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RewardError, match="label 'positive' is not one of the head's"):
+        load_reward({"path": str(tmp_path / "two"), "label": "positive"})
 
 
 @pytest.mark.parametrize(
