@@ -220,3 +220,25 @@ def test_policy_directory_loads_with_fit_s_settings(assets):
     assert module.policy.config._attn_implementation == "eager"
     assert SFTModule(policy=str(assets / "policy")).policy.config._attn_implementation == "sdpa"
     assert module.hparams.trust_remote_code is False
+
+
+def test_training_order_resumes_mid_epoch(tiny_tokenizer):
+    """A checkpoint taken after 2 of an epoch's 5 batches holds the loader's position: a fresh data module loaded
+    with it yields exactly the other 3 batches of that epoch (before: a plain shuffled DataLoader, so a resumed
+    `sft` run started the epoch over and never saw its last batches)."""
+    texts = [r["prompt"] + r["chosen"] for r in synthetic_pairs(20)]
+
+    def data() -> SFTDataModule:
+        dm = SFTDataModule.from_texts(texts, tokenizer=tiny_tokenizer, max_length=32, batch_size=4, val_fraction=0)
+        dm.setup()
+        return dm
+
+    first = data()
+    batches = iter(first.train_dataloader())
+    seen = [next(batches)["index"].tolist() for _ in range(2)]
+    state = first.state_dict()
+    rest = [b["index"].tolist() for b in batches]
+    assert len(rest) == 3 and sorted(i for b in seen + rest for i in b) == list(range(20))
+    resumed = data()
+    resumed.load_state_dict(state)
+    assert [b["index"].tolist() for b in resumed.train_dataloader()] == rest

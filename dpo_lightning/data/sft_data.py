@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from dpo_lightning.data.chat import PLAIN_TURN, ChatRenderer
 from dpo_lightning.data.formats import BadRow, apply_columns
+from dpo_lightning.data.sampler import PreferenceSampler, ResumableDataLoader
 from dpo_lightning.data.sft_rows import SFTFormat, detect_sft_format, make_sft_parser
 from dpo_lightning.data.sources import Source
 from dpo_lightning.data.tokenize import TruncationMode, joint_ids, truncate_row
@@ -171,6 +172,8 @@ class SFTDataModule(pl.LightningDataModule):
         self._records: dict[str, list[dict[str, str]]] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.skipped: dict[str, Counter] = {}  # split -> bad kind -> count (on_bad_row: skip)
+        self._train_loader: ResumableDataLoader | None = None
+        self._order_state: dict[str, Any] | None = None  # a checkpoint's loader position, before the loader exists
 
     @classmethod
     def from_texts(
@@ -285,21 +288,48 @@ class SFTDataModule(pl.LightningDataModule):
         self.rows["train"] = self._tokenize(train, "train")
         self.rows["val"] = self._tokenize(self._records["val"], "val") if self._records.get("val") else []
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
             self.rows[split],
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             collate_fn=SFTCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Seeded shuffle, sharded per rank, resumable mid-epoch (the preference data's ``PreferenceSampler`` without
+        length grouping): a run resumed from a checkpoint trains on exactly the rest of the epoch."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        world, rank = (int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))) if kwargs else (1, 0)
+        lengths = [len(r["input_ids"]) for r in self.rows["train"]]
+        sampler = PreferenceSampler(lengths, batch_size=self.batch_size, num_replicas=world, rank=rank,
+                                    seed=self.seed, group_by_length=False)  # fmt: skip
+        collate = SFTCollator(self.tokenizer.pad_token_id)
+        loader = ResumableDataLoader(
+            self.rows["train"], sampler=sampler, collate_fn=collate, num_workers=self.num_workers
+        )
+        if self._order_state is not None:
+            loader.load_state_dict(self._order_state)
+            self._order_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"train_order"}``: the training loader's position in its epoch (saved in every checkpoint)."""
+        loader = self._train_loader
+        order = loader.state_dict() if loader is not None else self._order_state
+        return {"train_order": order} if order is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        order = state_dict.get("train_order")
+        if order is not None and self._train_loader is not None:
+            self._train_loader.load_state_dict(order)
+        elif order is not None:
+            self._order_state = dict(order)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if self.rows.get("val") else []
+        return self._eval_loader("val") if self.rows.get("val") else []
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
