@@ -154,8 +154,10 @@ def test_pairs_are_the_sampled_ids_ranked_by_the_reward(tiny_tokenizer):
     assert new["index"].tolist() == [0, 1, 2] and new["input_ids"].shape[0] == 6
     assert stats["reward_chosen"] == pytest.approx(float(r.max(1).values.mean()))
     assert stats["reward_rejected"] == pytest.approx(float(r.min(1).values.mean()))
-    chosen_text = tiny_tokenizer.decode(new["labels"][0][new["labels"][0] >= 0], skip_special_tokens=True)
-    assert len(chosen_text) == r[0].max()
+    for i in range(3):  # rows 0-2 the chosen responses, rows 3-5 the rejected ones, of prompts 0-2
+        chosen_text = tiny_tokenizer.decode(new["labels"][i][new["labels"][i] >= 0], skip_special_tokens=True)
+        rejected_text = tiny_tokenizer.decode(new["labels"][3 + i][new["labels"][3 + i] >= 0], skip_special_tokens=True)
+        assert (len(chosen_text), len(rejected_text)) == (r[i].max(), r[i].min()), i
 
 
 def test_prompt_plus_new_tokens_beyond_the_context_is_refused(tiny_tokenizer):
