@@ -43,6 +43,19 @@ def is_alive(who: dict[str, Any]) -> bool:
 
 
 def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs; a dead one not yet reaped (a zombie) does not count."""
+    if os.path.isdir("/proc"):  # Linux: by each process's group and state, stat(5) fields 3 and 5
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):  # not a process, or one that just ended
+                continue
+            if int(group) == pgid and state not in ("Z", "X"):
+                return True
+        return False
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -86,17 +99,25 @@ def _reap(pid: int) -> None:
 
 
 def terminate(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE_S) -> None:
-    """SIGTERM a running trial's whole process group, SIGKILL it after ``grace`` s."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+    """SIGTERM a running trial's whole process group, SIGKILL what is left of it after ``grace`` s.
+
+    The group, not only the trial process: a child that outlives its parent (a worker rank, a data loader)
+    is ended too. The trial process itself is waited for here, so its exit code stays readable.
+    """
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        deadline = time.monotonic() + wait
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
         try:
-            proc.wait(wait)
-            return
+            proc.wait(wait if sig == signal.SIGTERM else None)
         except subprocess.TimeoutExpired:
             continue
+        while group_alive(proc.pid) and time.monotonic() < deadline:  # the leader is reaped: the others
+            time.sleep(0.05)
+        if not group_alive(proc.pid):
+            return
 
 
 def describe_exit(code: int) -> str:

@@ -118,16 +118,17 @@ class Runner:
         return record
 
     def _mark_interrupted(self, t: FrozenTrial, reason: str) -> bool:
-        """Record a trial as interrupted and queue its point again; False if another runner did it first."""
+        """Record a trial as interrupted and queue its point again; False if another runner did it first.
+
+        The state change RUNNING -> FAIL is the claim: both storages let one runner make it and refuse the
+        others (UpdateFinishedTrialError), so exactly one queues the point again, whoever wrote the reason last.
+        """
         try:
             self._set(t, "result", {"interrupted": True, "reason": reason, "by": self.me["runner"]})
             self.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             return False
-        fresh = self.study._storage.get_trial(t._trial_id)
-        if fresh.user_attrs.get("result", {}).get("by") != self.me["runner"]:
-            return False
-        storage.requeue(self.study, fresh)
+        storage.requeue(self.study, self.study._storage.get_trial(t._trial_id))
         self._save_record(t.number)
         return True
 
