@@ -142,7 +142,7 @@ def test_grid_order_and_count_of_a_runner_sweep_are_wandbs(tmp_path):
     assert len(ran) == 6 and ran == expected, (ran, expected)
 
 
-def test_random_draws_are_wandbs_for_the_seed():
+def test_random_draws_are_wandbs_for_the_seed(tmp_path):
     cfg = {"method": "random", "parameters": {
         "b": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1.0},
         "a": {"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.1},
@@ -151,19 +151,10 @@ def test_random_draws_are_wandbs_for_the_seed():
     random.seed(7)
     theirs = [{k: v["value"] for k, v in r.config.items()} for r in random_search_next_runs(cfg, n=12)]
     random.setstate(state)
-    spec_draws = load_spec(cfg).random_draws(7, 12)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    spec_draws = load_sweep(tmp_path / "s.yaml").random_draws(7, 12)
     assert spec_draws == theirs
     assert {round(d["a"] / 0.1, 9) % 1 for d in spec_draws} == {0.0}  # q_uniform: multiples of q, not min + k·q
-
-
-def load_spec(cfg: dict):
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(tempfile.mkdtemp())
-    path = folder / "s.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return load_sweep(path)
 
 
 HISTORIES = ["3,2,1,1", "2.5,2.5,2.5,2.5", "0.5,3,5,0", "4,4,4,4", "2,1.5,0.8,0.7"]  # val/loss per iteration
