@@ -25,6 +25,7 @@ from dpo_lightning.data.sampler import PreferenceSampler, ResumableDataLoader
 from dpo_lightning.data.sft_rows import SFTFormat, detect_sft_format, make_sft_parser
 from dpo_lightning.data.sources import Source
 from dpo_lightning.data.tokenize import TruncationMode, joint_ids, truncate_row
+from dpo_lightning.data.train_order import TrainOrderState
 from dpo_lightning.errors import ConfigError, DataError
 from dpo_lightning.logps import IGNORE_INDEX
 from dpo_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -83,7 +84,7 @@ class SFTCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": index}
 
 
-class SFTDataModule(pl.LightningDataModule):
+class SFTDataModule(TrainOrderState, pl.LightningDataModule):
     def __init__(
         self,
         train_files: str | list[str] | dict[str, Any] | None = None,
@@ -309,24 +310,11 @@ class SFTDataModule(pl.LightningDataModule):
         loader = ResumableDataLoader(
             self.rows["train"], sampler=sampler, collate_fn=collate, num_workers=self.num_workers
         )
-        if self._order_state is not None:
-            loader.load_state_dict(self._order_state)
-            self._order_state = None
-        self._train_loader = loader
-        return loader
+        return self.resume_order(loader)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"train_order"}``: the training loader's position in its epoch (saved in every checkpoint)."""
-        loader = self._train_loader
-        order = loader.state_dict() if loader is not None else self._order_state
-        return {"train_order": order} if order is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        order = state_dict.get("train_order")
-        if order is not None and self._train_loader is not None:
-            self._train_loader.load_state_dict(order)
-        elif order is not None:
-            self._order_state = dict(order)
+        return self.train_order()
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader("val") if self.rows.get("val") else []
