@@ -44,7 +44,8 @@ class RunConfig:
     """Where a run writes and how it is named on dashboards."""
 
     dir: str | None = None
-    """Run folder: metrics.csv, config.yaml, checkpoints/, tokenizer/, wandb/. Default runs/<name>-<time>."""
+    """Run folder: metrics.csv, config.yaml, checkpoints/, tokenizer/, wandb/. Default
+    <trainer.default_root_dir or runs>/<name>-<time> (<name>-<job id> under SLURM or torchrun)."""
     name: str | None = None
     """Run name (wandb display name too). Default <loss>-beta<β>."""
     group: str | None = None

@@ -133,8 +133,9 @@ def export(
         model = export_lora(checkpoint, state, meta, base, merge=not adapter_only, tokenizer=loaded)
         _save(model, out_dir, dtype, loaded)
         return out_dir
-    if adapter_only:
-        raise UserError(f"{checkpoint}: --adapter-only is for LoRA runs (model.peft_config); this one has none")
+    for flag, given in (("--adapter-only", adapter_only), ("--base", base is not None)):
+        if given:
+            raise UserError(f"{checkpoint}: {flag} is for LoRA runs (model.peft_config); this one has none")
     config = model_config(meta)
     with torch.device("meta"):  # no random init: the weights come from the checkpoint
         model = AutoModelForCausalLM.from_config(config)

@@ -156,7 +156,10 @@ def export_lora(checkpoint: Any, state: dict[str, torch.Tensor], meta: dict[str,
                 "its run folder's config.yaml; pass --base DIR with a saved copy of that base model"
             )
         torch.manual_seed(seed)
-    model, reference = build_models(settings, tokenizer, reference_free=False)
+    try:
+        model, reference = build_models(settings, tokenizer, reference_free=False)
+    except UserError as err:  # e.g. the run's model.policy, a relative path, from another folder
+        raise UserError(f"{checkpoint}: could not rebuild the LoRA run's base model ({err}); pass --base DIR") from None
     saved = (meta.get("dpo_lightning") or {}).get("reference_fingerprint")
     if saved and model_fingerprint(reference) != saved:
         raise UserError(f"{checkpoint}: the base model is not the one this run was trained on (fingerprint differs)")

@@ -62,12 +62,15 @@ def build_causal_lm(
     torch_dtype: DType = "float32",
     attn_implementation: Attention = "sdpa",
     trust_remote_code: bool = False,
+    key: str = "model.policy",
 ) -> PreTrainedModel:
     """Load a causal LM from ``name_or_path`` or build one from ``config`` with random init.
 
-    When building, the vocabulary size and BOS/EOS/pad ids come from ``tokenizer`` so the embedding matches it.
-    ``torch_dtype`` is the dtype of the weights (``auto``: as saved); ``trust_remote_code`` lets a model
-    directory run its own Python code, so it is off unless asked for.
+    When building, the vocabulary size and BOS/EOS/pad ids come from ``tokenizer`` so the embedding matches it;
+    either way a ``tokenizer`` with more tokens than the model has embedding rows is a ConfigError (its ids would
+    index past the embedding). ``torch_dtype`` is the dtype of the weights (``auto``: as saved);
+    ``trust_remote_code`` lets a model directory run its own Python code, so it is off unless asked for. ``key``
+    names the setting in errors (``model.reference`` for a reference directory).
     """
     if (name_or_path is None) == (config is None):
         raise ConfigError("set exactly one of model.policy (a model directory) and model.policy_config")
@@ -75,24 +78,26 @@ def build_causal_lm(
     dtype = _dtype(torch_dtype)
     if name_or_path is not None:
         try:
-            return AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 name_or_path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError, ImportError) as err:
             raise ConfigError(
-                f"model.policy: could not load a causal LM from {name_or_path!r} ({type(err).__name__}: {err})"
+                f"{key}: could not load a causal LM from {name_or_path!r} ({type(err).__name__}: {err})"
             ) from None
+        check_vocabulary(model, tokenizer, f"{key} ({name_or_path})", "set data.tokenizer to the model's own tokenizer")
+        return model
     settings = dict(config)
     model_type = settings.pop("model_type", "gpt2")
     if tokenizer is not None:
         settings.setdefault("vocab_size", len(tokenizer))
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(tokenizer, key, None)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tokenizer, name, None)
             if value is not None:
-                settings.setdefault(key, value)
+                settings.setdefault(name, value)
     try:
         model_config = AutoConfig.for_model(model_type, **settings)
-        return AutoModelForCausalLM.from_config(
+        model = AutoModelForCausalLM.from_config(
             model_config,
             dtype=torch.float32 if dtype == "auto" else dtype,
             attn_implementation=attn_implementation,
@@ -100,6 +105,20 @@ def build_causal_lm(
         )
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.policy_config: {err}") from None
+    check_vocabulary(model, tokenizer, "model.policy_config", "leave vocab_size out: it defaults to the tokenizer's")
+    return model
+
+
+def check_vocabulary(model: nn.Module, tokenizer: Any, what: str, fix: str) -> None:
+    """A ConfigError when ``tokenizer`` has more tokens than ``model`` has embedding rows (``what`` names the
+    model's setting, ``fix`` says what to do): its higher ids would fail deep in the forward with an IndexError."""
+    if tokenizer is None:
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(
+            f"{what}: the model's embedding has {rows} rows but the tokenizer {len(tokenizer)} tokens; {fix}"
+        )
 
 
 def _zero_dropout_numbers(obj: Any) -> None:
@@ -145,17 +164,17 @@ def build_models(
     load = {k: settings[k] for k in ("torch_dtype", "attn_implementation", "trust_remote_code") if k in settings}
     reference, peft_config = settings.get("reference"), settings.get("peft_config")
     disable_dropout_ = settings.get("disable_dropout", True)
+    if peft_config is not None and reference is not None:  # before loading anything
+        raise ConfigError(
+            "model.reference with model.peft_config: the reference of a LoRA run is its base model with the "
+            "adapters off (model.policy); drop model.reference, or train without LoRA"
+        )
     model = build_causal_lm(settings.get("policy"), settings.get("policy_config"), tokenizer, **load)
     if disable_dropout_:
         disable_dropout(model)
     if peft_config is not None:
         from dpo_lightning.lora import AdapterOffReference, apply_lora
 
-        if reference is not None:
-            raise ConfigError(
-                "model.reference with model.peft_config: the reference of a LoRA run is its base model with the "
-                "adapters off (model.policy); drop model.reference, or train without LoRA"
-            )
         model = apply_lora(model, peft_config)
         model.train()
         return model, None if reference_free else AdapterOffReference(model)
@@ -164,7 +183,11 @@ def build_models(
     model.train()
     if reference_free:
         return model, None
-    frozen = copy.deepcopy(model) if reference is None else build_causal_lm(reference, None, tokenizer, **load)
+    frozen = (
+        copy.deepcopy(model)
+        if reference is None
+        else build_causal_lm(reference, None, tokenizer, **load, key="model.reference")
+    )
     if disable_dropout_:
         disable_dropout(frozen)
     frozen.requires_grad_(False)

@@ -154,7 +154,7 @@ class PreferenceModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         if isinstance(reference_sync, dict):
-            reference_sync = SyncConfig(**reference_sync)
+            reference_sync = SyncConfig.from_mapping(reference_sync)
         if reference_sync is not None:  # plain values in hparams: checkpoints load with weights_only=True
             self.hparams["reference_sync"] = dataclasses.asdict(reference_sync)
         if beta <= 0:

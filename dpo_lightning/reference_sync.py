@@ -16,7 +16,7 @@ this callback's own state (the last step synced) rides in the checkpoint's callb
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -45,6 +45,14 @@ class SyncConfig:
         if self.every < 1:
             raise ConfigError(f"model.reference_sync.every must be >= 1, got {self.every}")
 
+    @classmethod
+    def from_mapping(cls, settings: dict[str, Any]) -> SyncConfig:
+        """``model.reference_sync`` as given in a config; a key other than mode, alpha, every is a ConfigError."""
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"model.reference_sync: unknown key(s) {unknown}; the keys are mode, alpha, every")
+        return cls(**settings)
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard, or the tensor itself
@@ -69,7 +77,7 @@ class ReferenceSync(pl.Callback):
     """Applies :func:`sync_reference` after every ``every``-th optimizer step (before checkpoints are saved)."""
 
     def __init__(self, config: SyncConfig | dict[str, Any]):
-        self.config = config if isinstance(config, SyncConfig) else SyncConfig(**config)
+        self.config = config if isinstance(config, SyncConfig) else SyncConfig.from_mapping(config)
         self.last_synced = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

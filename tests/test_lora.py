@@ -151,6 +151,13 @@ def test_export_merged_and_adapter_only(assets, lora_fit, tmp_path):
     torch.save(full, tmp_path / "full.ckpt")
     with pytest.raises(UserError, match="--adapter-only is for LoRA runs"):
         export([str(tmp_path / "full.ckpt"), str(tmp_path / "y"), "--adapter-only", *tok])
+    with pytest.raises(UserError, match="--base is for LoRA runs"):  # not ignored: the checkpoint has the weights
+        export([str(tmp_path / "full.ckpt"), str(tmp_path / "y"), "--base", str(assets / "policy"), *tok])
+    saved = torch.load(ckpt, weights_only=False)
+    moved = {**saved["hyper_parameters"], "policy": "a/relative/folder/elsewhere"}  # the run's model.policy, gone
+    torch.save({**saved, "hyper_parameters": moved}, tmp_path / "moved.ckpt")
+    with pytest.raises(UserError, match="could not rebuild the LoRA run's base model .*pass --base DIR"):
+        export([str(tmp_path / "moved.ckpt"), str(tmp_path / "z"), *tok])
 
 
 def test_export_rebuilds_a_random_init_base_from_the_run_seed(tiny_tokenizer, tmp_path):

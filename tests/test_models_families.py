@@ -147,3 +147,25 @@ def test_policy_dir_loading_errors(llama_dir, tmp_path):
     (custom / "configuration_my.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(ConfigError, match="trust_remote_code"):
         build_causal_lm(str(custom))
+    with pytest.raises(ConfigError, match="model.reference: could not load"):
+        PreferenceModule(policy=str(llama_dir), reference=str(tmp_path / "missing"))
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_a_config_error(llama_dir, tiny_tokenizer):
+    """A tokenizer with more tokens than the model has embedding rows (a model directory without its tokenizer,
+    read with a new BPE; a policy_config with a small vocab_size) is a ConfigError naming the setting, not an
+    IndexError in the first forward. One token more than the rows is already too many; exactly as many is fine."""
+    rows = len(tiny_tokenizer)
+
+    class Larger:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __len__(self) -> int:
+            return self.n
+
+    assert build_causal_lm(str(llama_dir), tokenizer=Larger(rows)).get_input_embeddings().num_embeddings == rows
+    with pytest.raises(ConfigError, match=rf"model.policy \(.*\): .* {rows} rows but the tokenizer {rows + 1} tokens"):
+        PreferenceModule(policy=str(llama_dir), tokenizer=Larger(rows + 1))
+    with pytest.raises(ConfigError, match=rf"model.policy_config: .* {rows - 1} rows .* leave vocab_size out"):
+        build_causal_lm(None, {**FAMILIES["llama"][0], "vocab_size": rows - 1}, tiny_tokenizer)

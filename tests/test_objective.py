@@ -161,6 +161,9 @@ def test_reference_sync_config_errors(tiny_tokenizer):
         )
     with pytest.raises(ConfigError, match="uses no reference"):
         PreferenceModule(policy_config=TINY_GPT2, tokenizer=tiny_tokenizer, reference_sync=sync, loss="simpo")
+    # a mistyped key, as a config file gives it (a mapping): named, not a TypeError from the dataclass
+    with pytest.raises(ConfigError, match=r"model.reference_sync: unknown key\(s\) \['alpah'\]"):
+        PreferenceModule(policy_config=TINY_GPT2, tokenizer=tiny_tokenizer, reference_sync={"alpah": 0.5})
 
 
 def test_reference_sync_runs_every_n_optimizer_steps(tiny_tokenizer, pairs_file, tmp_path):
