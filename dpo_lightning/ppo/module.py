@@ -131,6 +131,10 @@ class PPOModule(pl.LightningModule):
                 raise ConfigError(f"model.{key} must be >= 1, got {value}")
         if kl_coef < 0 or clip_range <= 0 or value_clip <= 0:
             raise ConfigError("model.kl_coef must be >= 0, model.clip_range and model.value_clip > 0")
+        if kl_target is not None and kl_coef == 0:
+            raise ConfigError("model.kl_target adapts β by scaling it, so model.kl_coef (the initial β) must be > 0")
+        if not (0 < gamma <= 1 and 0 <= lam <= 1):
+            raise ConfigError(f"model.gamma must be in (0, 1] and model.lam in [0, 1], got {gamma} and {lam}")
         if tokenizer is None:
             raise ConfigError("PPOModule needs the tokenizer (the ppo command links it from data.tokenizer)")
         self.tokenizer = tokenizer
