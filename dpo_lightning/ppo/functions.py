@@ -75,7 +75,8 @@ def whiten(
     """(x − mean) / std over the masked positions; 0 elsewhere. ``shift_mean=False`` keeps the mean.
 
     ``reduce`` sums the statistics [Σx, Σx², n] over processes (e.g. an all-reduce), so every rank whitens with
-    the statistics of the whole rollout batch. The variance is the population one (÷ n), as PPO codes use.
+    the statistics of the whole rollout batch. The variance is the population one (÷ n), as in Ziegler et al.'s
+    released code (TRL divides by n − 1; at rollout-batch sizes the two barely differ).
     """
     m = mask.to(x.dtype)
     stats = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])

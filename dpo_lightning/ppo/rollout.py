@@ -27,7 +27,7 @@ class ValueHead(nn.Module):
     """V(state) = w·h + b on the policy's last hidden state h (the one its output layer reads).
 
     Shares the policy's trunk, as in Ziegler et al. 2019's released code and TRL's value-head models. Starts at
-    w = 0, b = 0 (every value 0), so the first advantages are the rewards-to-go themselves.
+    w = 0, b = 0 (every value 0), so the first advantages are GAE of the rewards alone (the rewards-to-go at λ = 1).
     """
 
     def __init__(self, hidden_size: int):
