@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _status(spec: Any, folder: Path) -> int:
+    from socket import gethostname
+
     from dpo_lightning.comparing.tables import write_sweep_summary
     from dpo_lightning.sweeping.processes import is_alive
 
@@ -85,7 +87,8 @@ def _status(spec: Any, folder: Path) -> int:
         raise UserError(f"no trials recorded in {folder}; run `dpo-lightning sweep {spec.path}` first")
     text = write_sweep_summary(spec, folder)
     running = [json.loads(p.read_text()) for p in folder.glob("*/trial.json")]
-    orphans = [r["trial"] for r in running if r["state"] == "running" and not is_alive(r.get("runner") or {})]
+    running = [r for r in running if r["state"] == "running" and (r.get("runner") or {}).get("host") == gethostname()]
+    orphans = [r["trial"] for r in running if not is_alive(r["runner"])]  # a runner elsewhere: not ours to judge
     if orphans:
         text += "\nNo runner on this host follows trial(s) " + ", ".join(f"{n:03d}" for n in sorted(orphans))
         text += ": they were cut off and run again on resume.\n"

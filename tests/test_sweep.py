@@ -280,6 +280,24 @@ def test_crashed_and_killed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, 
     assert [r["state"] for r in records(out)].count("retried") == 2 and len(records(out)) == 6
 
 
+def test_status_flags_a_running_trial_only_when_its_runner_on_this_host_is_gone(tmp_path, capsys):
+    """Three running trials: this host's live runner (this process), a dead pid on this host, a runner on
+    another machine sharing the folder. Only the second is cut off; the third is not this host's to judge."""
+    from dpo_lightning.sweeping.processes import identity
+
+    path = write_sweep(tmp_path, "st", {"x": {"values": [0, 1, 2]}})
+    out = tmp_path / "st"
+    gone = identity() | {"start": -1}  # this pid, another start time: the recorded runner process has ended
+    runners = [identity(), gone, {"host": "another-machine", "pid": 1, "start": 1}]
+    for number, runner in enumerate(runners):
+        (out / f"{number:03d}-abcde").mkdir(parents=True)
+        record = {"trial": number, "state": "running", "value": None, "params": {"x": number}, "runner": runner,
+                  "duration_s": None, "run_dir": str(out / f"{number:03d}-abcde")}  # fmt: skip
+        (out / f"{number:03d}-abcde" / "trial.json").write_text(json.dumps(record))
+    assert sweep.main([str(path), "--out", str(out), "--status"]) == 0
+    assert "No runner on this host follows trial(s) 001:" in capsys.readouterr().out
+
+
 def test_metric_never_logged_fails_the_trial_with_the_columns_seen(tmp_path):
     path = write_sweep(tmp_path, "typo", {"x": {"values": [0]}}, metric={"name": "val/acc", "goal": "maximize"})
     assert sweep.main([str(path), "--out", str(tmp_path / "typo")]) == 0
