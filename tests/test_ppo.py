@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from dpo_lightning.errors import ConfigError
+from dpo_lightning.errors import ConfigError, DataError
 from dpo_lightning.ppo import PPOModule, PromptDataModule
 
 from helpers import (
@@ -245,3 +245,12 @@ def test_fsdp_resume_mid_rollout_is_exact(tmp_path, prompts_file, tiny_tokenizer
         assert {k: v for k, v in row.items() if "tokens_per_sec" not in k} == {
             k: v for k, v in before[row["step"]].items() if "tokens_per_sec" not in k
         }
+
+
+def test_prompt_data_errors_name_file_and_record(tmp_path, tiny_tokenizer):
+    """A bad prompt record is named by its file and 1-based record number; a missing field lists the fields."""
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "fine"}, {"prompt": "  "}, {"prompt": "also fine"}])
+    with pytest.raises(DataError, match=r"prompts.jsonl, record 2, field 'prompt': empty or not text"):
+        PromptDataModule(str(path)).texts()
+    with pytest.raises(DataError, match=r"prompts.jsonl: no field 'text' \(fields: prompt\)"):
+        PromptDataModule(str(path), prompt_field="text").texts()

@@ -145,6 +145,7 @@ class PromptDataModule(TrainOrderState, pl.LightningDataModule):
         self.batch_size, self.updates_per_rollout = batch_size, updates_per_rollout
         self.seed, self.num_workers = seed, num_workers
         self._texts: list[str] | None = None
+        self._origins: list[str] = []  # "file, record N" (1-based) of each text, for messages
         self._tokenizer = None
         self.prompts: list[list[int]] = []
         self._train_loader: ResumableDataLoader | None = None
@@ -162,7 +163,8 @@ class PromptDataModule(TrainOrderState, pl.LightningDataModule):
                     raise DataError(f"{f}: no field {self.prompt_field!r} (fields: {', '.join(table.column_names)})")
                 for row, value in enumerate(table[self.prompt_field]):
                     if not isinstance(value, str) or not value.strip():
-                        raise DataError(f"{f}, record {row}, field {self.prompt_field!r}: empty or not text")
+                        raise DataError(f"{f}, record {row + 1}, field {self.prompt_field!r}: empty or not text")
+                    self._origins.append(f"{f}, record {row + 1}")
                     texts.append(" ".join(value.replace("<br />", " ").split()) if self.strip_html else value)
                     if self.max_prompts and len(texts) >= self.max_prompts:
                         break
@@ -193,7 +195,7 @@ class PromptDataModule(TrainOrderState, pl.LightningDataModule):
         self.prompts = [ids[-self.max_prompt_length :] for ids in prompt_ids(tok, texts)]
         empty = [i for i, ids in enumerate(self.prompts) if not ids]
         if empty:
-            raise DataError(f"data: record {empty[0]} ({len(empty)} in all) gives an empty prompt after tokenization")
+            raise DataError(f"{self._origins[empty[0]]} ({len(empty)} in all) gives an empty prompt after tokenization")
 
     def data_parallel(self) -> tuple[int, int]:
         """(world size, rank) of data parallelism."""
