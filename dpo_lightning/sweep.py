@@ -99,8 +99,8 @@ def _status(spec: Any, folder: Path) -> int:
 def _run(spec: Any, folder: Path, args: argparse.Namespace) -> int:
     from dpo_lightning.sweeping.runner import Runner
 
-    shutil.copyfile(spec.path, folder / "sweep.yaml")
-    runner = Runner(spec, folder, args)
+    runner = Runner(spec, folder, args)  # refuses a file that differs from the stored sweep's
+    shutil.copyfile(spec.path, folder / "sweep.yaml")  # then the copy beside the trials is the stored one
 
     # First Ctrl-C / SIGTERM / SIGHUP: stop launching, end the running trials, record them; a second: at once.
     def request_stop(signum: int, frame: Any) -> None:

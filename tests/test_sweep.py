@@ -358,9 +358,11 @@ def test_max_trials_takes_the_first_grid_points_and_a_larger_budget_the_next(tmp
 def test_runner_refuses_a_changed_file_and_an_endless_random_sweep(tmp_path, capsys):
     path = write_sweep(tmp_path, "s", {"x": {"values": [0]}})
     assert sweep.main([str(path), "--out", str(tmp_path / "s")]) == 0
+    stored = (tmp_path / "s" / "sweep.yaml").read_text()
     write_sweep(tmp_path, "s", {"x": {"values": [0, 1]}})
     assert sweep.main([str(path), "--out", str(tmp_path / "s")]) == 2
     assert "differs from the file the stored sweep" in capsys.readouterr().err
+    assert (tmp_path / "s" / "sweep.yaml").read_text() == stored != path.read_text()  # compare reads this copy
     endless = write_sweep(tmp_path, "endless", {"x": {"min": 0, "max": 3}}, method="random")
     assert sweep.main([str(endless), "--out", str(tmp_path / "e")]) == 2
     assert "pass --max-trials or set run_cap" in capsys.readouterr().err
