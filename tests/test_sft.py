@@ -242,3 +242,17 @@ def test_training_order_resumes_mid_epoch(tiny_tokenizer):
     resumed = data()
     resumed.load_state_dict(state)
     assert [b["index"].tolist() for b in resumed.train_dataloader()] == rest
+
+
+def test_a_jinja_chat_template_with_a_trained_tokenizer(tmp_path):
+    """data.chat_template (Jinja) with data.tokenizer null: the BPE trains on the plain rendering, then the records
+    are rendered with the template (before: an AttributeError traceback, the stand-in tokenizer cannot render)."""
+    turns = [[{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello there {i}"}]
+             for i in range(12)]  # fmt: skip
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": t} for t in turns])
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
+    dm = SFTDataModule(train_files=str(path), chat_template=template, tokenizer_vocab_size=300, val_fraction=0)
+    dm.setup()
+    assert dm._records["train"][3] == {"prompt": "<|user|>hi 3<|assistant|>", "response": "hello there 3"}
+    assert len(dm.rows["train"]) == 12 and len(dm.tokenizer) <= 300

@@ -201,9 +201,11 @@ class SFTDataModule(TrainOrderState, pl.LightningDataModule):
         if self._tokenizer is None:
             if self.tokenizer_path:
                 self._tokenizer = load_tokenizer(self.tokenizer_path)
-            else:  # chat rows are rendered with the plain template for this: the BPE has no chat template
-                texts = (r["prompt"] + r["response"] for r in self._train_records())
+            else:  # trained on chat rows rendered with the plain template: a Jinja one needs the tokenizer
+                texts = [r["prompt"] + r["response"] for r in self._train_records()]
                 self._tokenizer = train_bpe_tokenizer(texts, vocab_size=self.tokenizer_vocab_size)
+                if self.chat_template not in (None, "plain"):
+                    self._records = {}  # read again, rendered with data.chat_template and the trained tokenizer
         return self._tokenizer
 
     def _train_records(self) -> list[dict[str, str]]:
@@ -231,7 +233,8 @@ class SFTDataModule(TrainOrderState, pl.LightningDataModule):
                     if field is not None and field not in data.column_names:
                         raise ValueError(f"no field {field!r} (fields: {', '.join(data.column_names)})")
             known = self._tokenizer is not None or self.tokenizer_path  # else the BPE is trained on these records
-            renderer = ChatRenderer(self.tokenizer if known else _NoTemplate, self.chat_template, self.chat_turn)
+            template = self.chat_template if known else "plain"  # plain while the records train the tokenizer
+            renderer = ChatRenderer(self.tokenizer if known else _NoTemplate, template, self.chat_turn)
             parse = make_sft_parser(fmt, renderer=renderer, response_field=self.response_field,
                                     prompt_field=self.prompt_field, max_chars=self.max_field_chars)  # fmt: skip
         except ValueError as err:
@@ -274,6 +277,7 @@ class SFTDataModule(TrainOrderState, pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.rows:
             return
+        self.tokenizer  # noqa: B018 - first: training one may re-read the records (a Jinja chat template)
         train = self._train_records()
         train = train[: self.max_rows] if self.max_rows else train
         if "val" not in self._records and self.val_fraction > 0:
