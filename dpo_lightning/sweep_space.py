@@ -16,7 +16,6 @@ same in both runners, and the parameters come in wandb's order (sorted by name).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -150,10 +149,9 @@ def _to_param(name: str, spec: dict[str, Any], method: str) -> Param:
             if not isinstance(v, (bool, int, float, str)):
                 raise ConfigError(f"parameters.{name}.values: {v!r} is not a scalar; the local runner needs scalars")
         return Param(name, "categorical", values=tuple(spec["values"]))
-    low, high = spec.get("min"), spec.get("max")
-    if dist == "log_uniform":  # deprecated by wandb (exponents); kept for reading old trial records
-        low, high = math.exp(low), math.exp(high)
-    return Param(name, dist, low=low, high=high, q=spec.get("q", 1.0 if dist.startswith("q_") else None))
+    # (wandb's schema refuses the deprecated log_uniform, whose bounds are exponents: bounds are values here)
+    return Param(name, dist, low=spec.get("min"), high=spec.get("max"),
+                 q=spec.get("q", 1.0 if dist.startswith("q_") else None))  # fmt: skip
 
 
 def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
