@@ -170,3 +170,32 @@ def test_bandit_ppo_claim_fails_for_a_wrong_kl_coefficient(monkeypatch):
     for beta in bandit_ppo.PPO_BETAS:
         assert not claims[f"ppo.fixed_kl.optimum.beta{beta}"].passed, beta
     assert claims["ppo.fixed_kl.tolerance_separates"].passed
+
+
+def test_sampling_without_early_stop_gives_the_same_tokens_in_max_new_tokens_steps():
+    """``sample(stop_when_done=False)`` (PPO under FSDP, where every rank must make the same forward calls): one
+    batch's continuations and log-probs equal those of the early-stopping loop under the same seed, and the model
+    runs exactly ``max_new_tokens`` times (the early-stopping loop fewer: with 8 tokens, EOS = 1, every row ends
+    long before 40). Planted bug: a stopped row's length still counting (lengths += 1) -> continuations differ."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dpo_lightning.sampling import sample
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=8, bos_token_id=1, eos_token_id=1)
+    )
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(1))
+    prompts = [[2, 3], [4], [5, 6, 7], [3]]
+    runs = {}
+    for stop in (True, False):
+        calls.clear()
+        out = sample(model, prompts, max_new_tokens=40, eos_token_id=1, pad_token_id=0, stop_when_done=stop,
+                     generator=torch.Generator().manual_seed(3))  # fmt: skip
+        runs[stop] = (out, len(calls))
+    (early, n_early), (full, n_full) = runs[True], runs[False]
+    assert early.continuations == full.continuations and early.finished.all()
+    assert all(c[-1] == 1 for c in full.continuations)
+    torch.testing.assert_close(early.logps, full.logps)
+    assert n_full == 40 and n_early < 40
