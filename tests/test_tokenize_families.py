@@ -206,3 +206,21 @@ def test_gpt2_byte_level_ids_are_unchanged_where_they_were_right(family_tokenize
     assert [g[1][0] for g in got] == response_ids(tok, [t[1] for t in triples])
     assert [g[1][1] for g in got] == response_ids(tok, [t[2] for t in triples])
     assert all(g[2] == 0 for g in got)
+
+
+@pytest.mark.parametrize("family", ["llama2", "qwen2"])
+def test_sft_rows_are_the_joint_tokenization(family_tokenizers, family):
+    """SFT rows take the preference data's cut: with a SentencePiece tokenizer the response is not re-tokenized on
+    its own (no dummy "▁" before "Sure"), and an empty prompt (a text record) still scores every token."""
+    from dpo_lightning.data.sft_data import tokenize_sft
+    from dpo_lightning.logps import IGNORE_INDEX
+
+    tok = family_tokenizers(family, None)
+    prompt, response = PAIRS[1][0], PAIRS[1][1]  # "...two?\n" + "Sure: four"
+    with_prompt, text = tokenize_sft(tok, [response, response], [prompt, ""], max_length=512)
+    assert with_prompt["input_ids"] == _joint(tok, prompt, response)
+    ((p, (r,), _),) = joint_ids(tok, [prompt], [[response]])
+    assert with_prompt["labels"] == [IGNORE_INDEX] * len(p) + r
+    if family == "llama2":  # what tokenizing the response alone gives: "▁Sure", not the in-context "Sure"
+        assert r != response_ids(tok, [response])[0]
+    assert text["input_ids"] == _joint(tok, "", response) and text["labels"][1:] == text["input_ids"][1:]
