@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from dpo_lightning import iterative
+from dpo_lightning.errors import DataError
 
 from helpers import cli_main, write_jsonl
 
@@ -93,7 +94,7 @@ def test_read_prompts_words_and_errors(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"text": "one two three four five"}, {"text": "six seven"}])
     assert iterative.read_prompts(path, "text", words=3) == ["one two three", "six seven"]
     assert iterative.read_prompts(path, "text", limit=1) == ["one two three four five"]
-    with pytest.raises(Exception, match=r"p.jsonl, line 1, field 'prompt'"):
+    with pytest.raises(DataError, match=r"p.jsonl, line 1, field 'prompt'"):
         iterative.read_prompts(path)
 
 
