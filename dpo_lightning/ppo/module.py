@@ -13,9 +13,9 @@ One rollout batch, then ``ppo_epochs × num_minibatches`` updates on it, one per
 
 The data module serves each prompt batch once per phase (:mod:`dpo_lightning.ppo.data`), so a checkpoint can land
 between two updates of one rollout; the rollout buffer (every rank's), β and the rollout counter are saved with
-it, and the sampling and minibatch order are drawn from generators seeded by (seed, rollout, rank): a resumed run
-repeats the uninterrupted one exactly. Logged: ``train/ppo/{reward,kl,kl_coef,entropy,clipfrac,value_loss,
-approx_kl,policy_loss,response_length}``, ``train/tokens_per_sec``, ``train/lr``.
+it, and sampling and the minibatch order are drawn from generators seeded by (seed, rollout, rank) and (seed,
+rollout, epoch): a resumed run repeats the uninterrupted one exactly. Logged: ``train/ppo/{reward,kl,kl_coef,
+entropy,clipfrac,value_loss,approx_kl,policy_loss,response_length}``, ``train/tokens_per_sec``, ``train/lr``.
 """
 
 from __future__ import annotations
