@@ -347,6 +347,39 @@ def test_sighup_then_resume_runs_only_the_remaining_trials(tmp_path):
     assert len(record.read_text().splitlines()) == 4
 
 
+def test_a_second_stop_while_trials_end_ends_them_at_once_and_still_records_them(tmp_path, monkeypatch):
+    """A stop once 2 trials run, then a second one (KeyboardInterrupt, as the handler raises it) during the
+    first trial's grace: that trial and the next are ended with no grace, both recorded as interrupted."""
+    from dpo_lightning.sweeping import processes
+    from dpo_lightning.sweeping.runner import Runner
+
+    graces, real_terminate, real_launch = [], processes.terminate, Runner.launch
+
+    def terminate(proc, grace=processes.KILL_GRACE_S):
+        graces.append(grace)
+        if len(graces) == 1:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        real_terminate(proc, grace)
+
+    def launch(self, trial):
+        real_launch(self, trial)
+        self.stop_requested = len(self.running) == 2  # the first Ctrl-C, once both trials run
+
+    monkeypatch.setattr(processes, "terminate", terminate)
+    monkeypatch.setattr(Runner, "launch", launch)
+    path = write_sweep(tmp_path, "hurry", {"fake.sleep": {"value": 30}, "x": {"values": [0, 1]}})
+    started = time.monotonic()
+    try:
+        code = sweep.main([str(path), "--out", str(tmp_path / "hurry"), "--workers", "2"])
+    except KeyboardInterrupt:
+        for r in records(tmp_path / "hurry"):
+            processes.end_group(r["pgid"], None, grace=0.0)
+        pytest.fail("the second stop escaped the runner: its trials were left running, unrecorded")
+    assert code == 130 and graces == [processes.KILL_GRACE_S, 0.0, 0.0]
+    assert [r["state"] for r in records(tmp_path / "hurry")] == ["interrupted", "interrupted"]
+    assert time.monotonic() - started < processes.KILL_GRACE_S
+
+
 def test_max_trials_takes_the_first_grid_points_and_a_larger_budget_the_next(tmp_path):
     path = write_sweep(tmp_path, "cap", {"x": {"values": [2, 0, 1]}})
     assert sweep.main([str(path), "--out", str(tmp_path / "cap"), "--max-trials", "2", "--poll", "0.05"]) == 0

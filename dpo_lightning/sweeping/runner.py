@@ -343,6 +343,7 @@ class Runner:
             f"trial(s) to run, {self.args.workers} at a time here",
             flush=True,
         )
+        grace = processes.KILL_GRACE_S  # for each running trial between SIGTERM and SIGKILL, once stopped
         try:
             while not self.stop_requested:
                 self.poll()
@@ -361,11 +362,16 @@ class Runner:
                     pass
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once, still recording what was running
             self.stop_requested = True
+            grace = 0.0
         if not self.stop_requested:
             print(write_sweep_summary(self.spec, self.folder), flush=True)
             return 0
         for r in self.running:
-            processes.terminate(r.proc)
+            try:
+                processes.terminate(r.proc, grace)
+            except KeyboardInterrupt:  # asked again while the trials end: no grace left, for any of them
+                grace = 0.0
+                processes.terminate(r.proc, grace)
             r.log.close()
             self._tell(r.trial, r.run_dir, r.started, TrialState.FAIL, reason="interrupted: the runner was stopped",
                        code=r.proc.returncode, interrupted=True)  # fmt: skip
