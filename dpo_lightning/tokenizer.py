@@ -20,15 +20,18 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from dpo_lightning.errors import ConfigError
+
 SPECIAL_TOKEN = "<|endoftext|>"
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` with remote code off; a tokenizer without a pad token pads with EOS."""
+    """``AutoTokenizer.from_pretrained`` with remote code off; a tokenizer without a pad token pads with EOS. One
+    that cannot be loaded is a ``ConfigError`` (the CLI prints it as one line, not a traceback)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"could not load a tokenizer from {name_or_path!r}: it is not a local tokenizer directory and "
             f"the Hugging Face hub could not provide it ({type(err).__name__}: {err})"
         ) from None

@@ -224,3 +224,13 @@ def test_sft_rows_are_the_joint_tokenization(family_tokenizers, family):
     if family == "llama2":  # what tokenizing the response alone gives: "▁Sure", not the in-context "Sure"
         assert r != response_ids(tok, [response])[0]
     assert text["input_ids"] == _joint(tok, "", response) and text["labels"][1:] == text["input_ids"][1:]
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_a_config_error(tmp_path):
+    """A wrong data.tokenizer path is a UserError (one line and exit 2 from the CLI), not a bare ValueError."""
+    from dpo_lightning.errors import ConfigError
+    from dpo_lightning.tokenizer import load_tokenizer
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"could not load a tokenizer from '.*empty'"):
+        load_tokenizer(str(tmp_path / "empty"))
