@@ -234,3 +234,15 @@ def test_a_tokenizer_that_cannot_be_loaded_is_a_config_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"could not load a tokenizer from '.*empty'"):
         load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_a_tokenizer_without_eos_is_a_config_error(family_tokenizers):
+    """Responses end with EOS: a data.tokenizer that has none is said at tokenization, as a UserError."""
+    import copy
+
+    from dpo_lightning.errors import ConfigError
+
+    tok = copy.deepcopy(family_tokenizers("llama2", None))
+    tok.eos_token = None
+    with pytest.raises(ConfigError, match="the tokenizer has no eos_token"):
+        joint_ids(tok, ["Hi"], [["there"]])

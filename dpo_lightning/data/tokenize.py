@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 
 from dpo_lightning.data.formats import BadRow
+from dpo_lightning.errors import ConfigError
 from dpo_lightning.logps import IGNORE_INDEX
 
 TruncationMode = Literal["keep_end", "keep_start"]
@@ -122,7 +123,7 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 def _eos(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; set one so responses can be terminated")
+        raise ConfigError("the tokenizer has no eos_token; set one so responses can be terminated")
     return tokenizer.eos_token_id
 
 
