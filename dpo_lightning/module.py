@@ -6,16 +6,16 @@ One training step: chosen and rejected sequences go through the policy in one fo
 stacks them as 2B rows), the reference scores the same rows without gradient, and the loss turns the four
 per-example log-probs into a loss and implicit rewards.
 
-The reference is held outside the module's registered children: it is never in the optimizer, a state dict
-or a checkpoint (it is rebuilt from its source on resume, and checked against a fingerprint of its weights),
-yet it moves and casts with the module. Under ``trainer.strategy: fsdp`` both models are sharded in
+The reference is held outside the module's registered children (``reference_holder.py``): it is never in the
+optimizer or the state dict, and a fixed one never in a checkpoint (it is rebuilt from its source on resume, and
+checked against a fingerprint of its config and weights; TR-DPO's, which training changes, is saved), yet it
+moves and casts with the module. Under ``trainer.strategy: fsdp`` both models are sharded in
 ``configure_model``; with ``precompute_reference`` its log-probs are computed once and it leaves memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 import time
 import warnings
@@ -35,6 +35,7 @@ from dpo_lightning.models import Attention, DType, build_models
 from dpo_lightning.objective import Objective, loss_settings
 from dpo_lightning.online import online_sampler
 from dpo_lightning.progress import step_progress_bar
+from dpo_lightning.reference_holder import FrozenReference
 from dpo_lightning.reference_sync import ReferenceSync, SyncConfig
 from dpo_lightning.strategy import (
     all_gather_objects,
@@ -50,7 +51,7 @@ from dpo_lightning.strategy import (
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
-class PreferenceModule(pl.LightningModule):
+class PreferenceModule(FrozenReference, pl.LightningModule):  # the reference's handling: reference_holder.py
     def __init__(
         self,
         policy: str | None = None,
@@ -229,30 +230,6 @@ class PreferenceModule(pl.LightningModule):
         # val/test epoch means: repeats of a distributed sampler left out, a NaN an error (eval_means.py)
         self.eval_means = EvalMeans(self.metric_names, prog_bar=("loss", "rewards/accuracies"))
 
-    # ------------------------------------------------------------------ the reference, outside the state dict
-    @property
-    def reference(self) -> nn.Module | None:
-        """The frozen reference model (``None`` when reference-free or after precomputing its log-probs)."""
-        return self.__dict__.get("_frozen_reference")
-
-    def _set_reference(self, model: nn.Module | None) -> None:
-        self.__dict__["_frozen_reference"] = model  # bypasses nn.Module registration on purpose
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> PreferenceModule:
-        """Device moves and dtype casts (``.to``, precision plugins) reach the unregistered reference too."""
-        super()._apply(fn, *args, **kwargs)
-        if self.reference is not None:
-            self.reference._apply(fn, *args, **kwargs)
-        return self
-
-    # ------------------------------------------------------------------ modes
-    def train(self, mode: bool = True) -> PreferenceModule:
-        """Lightning switches the whole module to train mode each epoch; the reference must stay in eval."""
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
-        return self
-
     # ------------------------------------------------------------------ the step
     def concatenated_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sequence log-prob sums (2B,) of the chosen-then-rejected rows, in one forward pass (``compute_loss``
@@ -262,17 +239,6 @@ class PreferenceModule(pl.LightningModule):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
         logps, _ = sequence_logps(logits, batch["labels"], "sum")
         return logps
-
-    def reference_logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> torch.Tensor:
-        """Reference log-probs (2B,): from the precomputed store when there is one, else a no-grad forward."""
-        if split in self._reference_tables:
-            return self._reference_tables[split].lookup(batch["index"])
-        if self.hparams.precompute_reference and self.reference is None:
-            raise RuntimeError(f"no precomputed reference log-probs for the {split} split")
-        if self.reference is None:
-            return torch.zeros(batch["input_ids"].shape[0], device=self.device)
-        with torch.no_grad():
-            return self.concatenated_logps(self.reference, batch)
 
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over processes (identity on one), for the objective's batch statistics."""
@@ -378,10 +344,6 @@ class PreferenceModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ sharding
-    def setup(self, stage: str) -> None:
-        if self.reference is not None and self.reference_fingerprint is None:
-            self.reference_fingerprint = ref_store.model_fingerprint(self.reference)  # before sharding
-
     def configure_model(self) -> None:
         """Lightning calls this on every process before building the optimizer: activation checkpointing, and
         under ``trainer.strategy: fsdp`` ``fully_shard`` per decoder block and per model, policy and reference."""
@@ -402,28 +364,6 @@ class PreferenceModule(pl.LightningModule):
         if self.hparams.get("reference_sync") is not None:
             callbacks.append(ReferenceSync(self.hparams.reference_sync))
         return callbacks
-
-    # ------------------------------------------------------------------ precomputed reference log-probs
-    def _prepare_reference_logps(self, splits: tuple[str, ...]) -> None:
-        """Load (or compute once and store) the reference log-probs of ``splits``; when fitting, then drop the
-        reference from memory."""
-        if not self.hparams.precompute_reference:
-            return
-        self._reference_tables.update(ref_store.prepare_splits(self, splits, self._reference_tables))  # by data key
-        # a LoRA policy's reference (adapters off) holds no weights of its own: it stays
-        holds_weights = self.reference is not None and next(self.reference.parameters(), None) is not None
-        if self.trainer.state.fn == "fit" and holds_weights:
-            self._set_reference(None)  # training runs the policy alone from here
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
-    def on_validation_start(self) -> None:
-        if self.trainer.state.fn != "fit":
-            self._prepare_reference_logps(("val",))
-
-    def on_test_start(self) -> None:
-        self._prepare_reference_logps(("test",))
 
     # ------------------------------------------------------------------ run folder and checkpoints
     def on_fit_start(self) -> None:
@@ -455,14 +395,7 @@ class PreferenceModule(pl.LightningModule):
             for key in [k for k in state if k.startswith("reference.")]:
                 del state[key]
         meta = checkpoint.get("dpo_lightning") or {}
-        saved = meta.get("reference_fingerprint")
-        if saved and self.reference_fingerprint and saved != self.reference_fingerprint:
-            raise ConfigError(
-                "the reference rebuilt for this run differs from the one the checkpoint was trained with "
-                f"(weights fingerprint {self.reference_fingerprint} != {saved}). The reference is not stored in "
-                "checkpoints: resume with the same model.policy/model.reference and, for a model built from "
-                "model.policy_config, the same seed_everything."
-            )
+        self.check_reference_fingerprint(meta.get("reference_fingerprint"))  # reference_holder.py
         if self.hparams.get("peft_config") is not None:  # strict_loading is off for the absent base weights
             from dpo_lightning.lora import check_adapter_state
 
