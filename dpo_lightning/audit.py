@@ -2,8 +2,9 @@
 
     dpo-lightning audit --config experiments/tiny_cpu.yaml [--data.max_length 256 ...] [--out DIR]
 
-Reads the same config as ``fit`` (its ``data:`` and ``run:`` sections; other sections are ignored), prepares the
-data exactly as ``fit`` would (same tokenizer, same cache), prints the report of ``data/audit.py`` and writes
+Reads the same config as ``fit`` (its ``data:`` and ``run:`` sections, and ``model.policy``, whose tokenizer ``fit``
+takes when ``data.tokenizer`` is unset; the rest is ignored), prepares the data exactly as ``fit`` would (same
+tokenizer, same cache), prints the report of ``data/audit.py`` and writes
 ``<--out or run.dir>/data_audit.json`` and ``data_lengths.png``; exits with 1 when a configured ``data.max_*_rate``
 threshold is crossed. The command lives here, beside the CLI, so that the data package never imports the CLI.
 """
@@ -28,19 +29,23 @@ def _filtered_config(path: str) -> str:
         config = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"--config {path}: cannot be read ({err})") from None
-    return yaml.safe_dump({k: v for k, v in config.items() if k in KEEP_SECTIONS})
+    kept = {k: v for k, v in config.items() if k in KEEP_SECTIONS}
+    if isinstance(config.get("model"), dict) and "policy" in config["model"]:
+        kept["model"] = {"policy": config["model"]["policy"]}
+    return yaml.safe_dump(kept)
 
 
 def parse_args(argv: list[str]) -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from dpo_lightning.cli import RunConfig
+    from dpo_lightning.cli import RunConfig, tokenizer_from_policy
     from dpo_lightning.data.datamodule import PreferenceDataModule
 
     parser = ArgumentParser(prog="dpo-lightning audit", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="the fit config (repeatable; data/run sections)")
     parser.add_class_arguments(PreferenceDataModule, "data")
     parser.add_class_arguments(RunConfig, "run")
+    parser.add_argument("--model.policy", type=str | None, default=None, help="fit's model.policy (its tokenizer)")
     parser.add_argument("--out", type=str | None, default=None, help="where to write (default: run.dir)")
     args, i = [], 0
     while i < len(argv):
@@ -52,6 +57,7 @@ def parse_args(argv: list[str]) -> Any:
         args.append(f"--config={_filtered_config(word[9:])}" if word.startswith("--config=") else word)
         i += 1
     config = parser.parse_args(args)
+    tokenizer_from_policy(config)  # data.tokenizer unset: the policy directory's tokenizer, as fit takes it
     return parser.instantiate(config), config
 
 

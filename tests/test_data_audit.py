@@ -193,3 +193,20 @@ def test_audit_of_the_tiny_config_on_hh(tmp_path, capsys):
     assert report["padding"]["grouped"] == pytest.approx(0.100, abs=5e-4)
     out = capsys.readouterr().out
     assert "hh_prompt_mismatch: 4" in out and "10.0% grouped by length" in out and "33.3%" in out
+
+
+def test_audit_takes_the_policy_directory_s_tokenizer_as_fit_does(tmp_path, tiny_tokenizer):
+    """data.tokenizer unset and model.policy a directory with a tokenizer (an SFT export): fit tokenizes with that
+    tokenizer (cli.tokenizer_from_policy), so the audit must too, not train a new BPE; a set data.tokenizer wins."""
+    from dpo_lightning.audit import parse_args
+
+    policy = tmp_path / "export"
+    tiny_tokenizer.save_pretrained(policy)
+    _config(tmp_path, {"train_files": "unused.jsonl", "tokenizer": None})
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["model"] = {"policy": str(policy), "loss": "ipo"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    init, parsed = parse_args(["--config", str(tmp_path / "config.yaml")])
+    assert parsed.data.tokenizer == str(policy) and init.data.tokenizer_path == str(policy)
+    _, parsed = parse_args(["--config", str(tmp_path / "config.yaml"), "--data.tokenizer", "elsewhere"])
+    assert parsed.data.tokenizer == "elsewhere"
