@@ -226,19 +226,24 @@ def _bayes_bests(seed: int, trials: int = 20) -> tuple[list[float], list[float]]
         ours.append(study.best_value)
     cfg = yaml.safe_load((ROOT_SWEEPS / "beta_lr.yaml").read_text())
     cfg.pop("early_terminate")
+    states = random.getstate(), np.random.get_state()  # wandb's bayes draws from the global generators
     random.seed(seed)
     np.random.seed(seed)
-    runs, theirs, best = [], [], -1e9
-    for i in range(trials):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run = bayes_search_next_run(runs, cfg, validate=True)
-        values = {k: v["value"] for k, v in run.config.items()}
-        value = _objective(float(values["model.beta"]), float(values["model.lr"]))
-        runs.append(sweeps.SweepRun(name=str(i), state=sweeps.RunState.finished, config=run.config,
-                                    summary_metrics={cfg["metric"]["name"]: value}))  # fmt: skip
-        best = max(best, value)
-        theirs.append(best)
+    try:
+        runs, theirs, best = [], [], -1e9
+        for i in range(trials):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run = bayes_search_next_run(runs, cfg, validate=True)
+            values = {k: v["value"] for k, v in run.config.items()}
+            value = _objective(float(values["model.beta"]), float(values["model.lr"]))
+            runs.append(sweeps.SweepRun(name=str(i), state=sweeps.RunState.finished, config=run.config,
+                                        summary_metrics={cfg["metric"]["name"]: value}))  # fmt: skip
+            best = max(best, value)
+            theirs.append(best)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
     return ours, theirs
 
 
