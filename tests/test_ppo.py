@@ -204,8 +204,9 @@ def test_errors(prompts_file, tiny_tokenizer, tmp_path):
     module, dm = make_run(prompts_file, tiny_tokenizer, batch_size=1)
     with pytest.raises(ConfigError, match=r"data.batch_size \(1 prompts per rollout batch\) must be >= model.num_mini"):
         _trainer(tmp_path, 2, []).fit(module, dm)
+    small_vocab = {"policy_config": {**TINY_GPT2, "vocab_size": 8}}  # the tokenizer has more tokens
     for bad, match in (({"kl_coef": 0.0}, "model.kl_coef .the initial β. must be > 0"), ({"lam": 1.5}, "model.lam"),
-                       ({"gamma": 0.0}, "model.gamma")):  # fmt: skip
+                       ({"gamma": 0.0}, "model.gamma"), (small_vocab, "embedding has 8 rows")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             make_run(prompts_file, tiny_tokenizer, **bad)  # make_run's kl_target is 1.0: adaptive β
     result = cli_main("ppo", "--config", "experiments/tiny_ppo.yaml", "--model.reward", "no_such_module:fn",

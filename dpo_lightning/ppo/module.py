@@ -138,15 +138,10 @@ class PPOModule(pl.LightningModule):
         if tokenizer is None:
             raise ConfigError("PPOModule needs the tokenizer (the ppo command links it from data.tokenizer)")
         self.tokenizer = tokenizer
-        self.policy = build_causal_lm(policy, policy_config, tokenizer)
-        rows = self.policy.get_input_embeddings().num_embeddings
-        if len(tokenizer) > rows:
-            raise ConfigError(
-                f"the tokenizer has {len(tokenizer)} tokens but the policy's embedding {rows} rows: set data.tokenizer "
-                "to the policy's own tokenizer directory"
-            )
+        self.policy = build_causal_lm(policy, policy_config, tokenizer)  # a tokenizer too large is a ConfigError
         self.policy.train()
-        frozen = copy.deepcopy(self.policy) if reference is None else build_causal_lm(reference, None, tokenizer)
+        frozen = (copy.deepcopy(self.policy) if reference is None
+                  else build_causal_lm(reference, None, tokenizer, key="model.reference"))  # fmt: skip
         if disable_dropout:
             zero_dropout(self.policy)
             zero_dropout(frozen)
