@@ -162,10 +162,20 @@ def _unpair_for_unpaired_losses(config) -> None:
 
 def tokenizer_from_policy(config) -> None:
     """A model directory brings its tokenizer: ``data.tokenizer`` unset and ``model.policy`` a local directory with
-    tokenizer files (an SFT export, a downloaded checkpoint) -> that tokenizer, not a new BPE the model cannot read."""
+    tokenizer files (an SFT export, a downloaded checkpoint) -> that tokenizer, not a new BPE the model cannot read;
+    a directory without them -> a warning (the BPE is trained, as asked, but not silently)."""
     policy = config.model.get("policy")
-    if config.data.get("tokenizer") is None and policy and Path(policy, "tokenizer_config.json").is_file():
+    if config.data.get("tokenizer") is not None or not policy:
+        return
+    if Path(policy, "tokenizer_config.json").is_file():
         config.data.tokenizer = str(policy)
+    elif Path(policy).is_dir():  # said, not silent: a pretrained model cannot read a BPE trained here
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"model.policy {policy} holds no tokenizer and data.tokenizer is unset: a new BPE is trained on the "
+            "data, with ids the model never saw; set data.tokenizer to the model's own tokenizer"
+        )
 
 
 def _lightning_cli(argv: list[str] | None, sft: bool = False) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -169,3 +170,27 @@ def test_a_tokenizer_larger_than_the_embedding_is_a_config_error(llama_dir, tiny
         PreferenceModule(policy=str(llama_dir), tokenizer=Larger(rows + 1))
     with pytest.raises(ConfigError, match=rf"model.policy_config: .* {rows - 1} rows .* leave vocab_size out"):
         build_causal_lm(None, {**FAMILIES["llama"][0], "vocab_size": rows - 1}, tiny_tokenizer)
+
+
+def test_a_policy_directory_brings_its_tokenizer_or_a_warning(llama_dir, tiny_tokenizer, tmp_path):
+    """data.tokenizer unset: a model.policy directory with tokenizer files gives its tokenizer; one without them
+    (the saved model alone) warns that a new BPE, whose ids the model never saw, will be trained; a set
+    data.tokenizer is left alone, without a warning."""
+    from jsonargparse import Namespace
+
+    from dpo_lightning.cli import tokenizer_from_policy
+
+    def config(policy, tokenizer=None):
+        return Namespace(model=Namespace(policy=str(policy)), data=Namespace(tokenizer=tokenizer))
+
+    with pytest.warns(UserWarning, match="holds no tokenizer and data.tokenizer is unset"):
+        tokenizer_from_policy(bare := config(llama_dir))
+    assert bare.data.tokenizer is None
+    with_tokenizer = tmp_path / "with_tokenizer"
+    tiny_tokenizer.save_pretrained(with_tokenizer)
+    tokenizer_from_policy(found := config(with_tokenizer))
+    assert found.data.tokenizer == str(with_tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenizer_from_policy(given := config(llama_dir, "elsewhere"))
+    assert given.data.tokenizer == "elsewhere"
