@@ -84,6 +84,33 @@ def test_wrap_unit_comes_from_the_model(config, block, tiny_tokenizer):
     assert [type(b).__name__ for b in blocks] == [block, block]
 
 
+def test_wrap_unit_is_the_outermost_listed_class():
+    """A class listed in ``_no_split_modules`` that sits inside another listed one is inside that unit already:
+    only the outer blocks are FSDP units (sharding the inner one too would nest a unit in a unit)."""
+    from torch import nn
+
+    from dpo_lightning.strategy import decoder_blocks
+
+    class Inner(nn.Linear):
+        pass
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner(2, 2)
+
+    class Model(nn.Module):
+        _no_split_modules = ["Block", "Inner"]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+            self.head = Inner(2, 2)  # a listed class outside any block is a unit of its own
+
+    model = Model()
+    assert decoder_blocks(model) == [model.layers[0], model.layers[1], model.head]
+
+
 def test_strategy_names_select_fsdp2():
     """``trainer.strategy: fsdp`` is FSDP2 (sharded checkpoints) and accepted on CPU; ``fsdp_single_file`` writes
     one file (its real 2-process run, checkpoint and export: test_reference.test_fsdp_two_ranks_compute_and_reuse)."""
