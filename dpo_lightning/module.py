@@ -16,7 +16,6 @@ moves and casts with the module. Under ``trainer.strategy: fsdp`` both models ar
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 from typing import Any, Literal
@@ -37,6 +36,7 @@ from dpo_lightning.online import online_sampler
 from dpo_lightning.progress import step_progress_bar
 from dpo_lightning.reference_holder import FrozenReference
 from dpo_lightning.reference_sync import ReferenceSync, SyncConfig
+from dpo_lightning.schedule import lr_factor
 from dpo_lightning.strategy import (
     all_gather_objects,
     enable_activation_checkpointing,
@@ -330,17 +330,9 @@ class PreferenceModule(FrozenReference, pl.LightningModule):  # the reference's 
         else:
             optimizer = torch.optim.RMSprop(params, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = hp.warmup_steps
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if hp.lr_schedule == "cosine":
-                progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            return 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, hp.warmup_steps, total, hp.lr_schedule)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ sharding

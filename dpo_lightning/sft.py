@@ -22,7 +22,6 @@ tokenized as the preference data is (``dpo_lightning.data.tokenize``) and cut by
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -39,18 +38,9 @@ from dpo_lightning.logps import IGNORE_INDEX
 from dpo_lightning.models import Attention, DType, build_causal_lm
 from dpo_lightning.models import disable_dropout as zero_dropout
 from dpo_lightning.progress import step_progress_bar
+from dpo_lightning.schedule import lr_factor as sft_lr_factor
 
 __all__ = ["SFTCollator", "SFTDataModule", "SFTModule", "sft_lr_factor", "tokenize_sft"]  # data: data/sft_data.py
-
-
-def sft_lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """Linear warmup to 1, then constant or cosine decay to 0 at ``total_steps`` (same shape as DPO's)."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if schedule == "cosine":
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
 
 
 class SFTModule(pl.LightningModule):
