@@ -60,9 +60,11 @@ bench: install  ## ours vs TRL's DPOTrainer, levers, scaling (~15 min on 2 cores
 SWEEP ?= loss_variants
 # SWEEP_FILE: another file of the same sweep name, e.g. a reduced budget
 SWEEP_FILE ?= sweeps/$(SWEEP).yaml
+# SWEEP_OUT: the sweep's folder (the runner's --out), charted into SWEEP_OUT/compare
+SWEEP_OUT ?= runs/sweeps/$(SWEEP)
 sweep: install  ## run sweeps/$(SWEEP).yaml offline, then chart it: make sweep SWEEP=label_noise ARGS="--workers 2"
-	$(BIN)/dpo-lightning sweep $(SWEEP_FILE) $(ARGS)
-	$(BIN)/dpo-lightning compare runs/sweeps/$(SWEEP) --out runs/sweeps/$(SWEEP)/compare
+	$(BIN)/dpo-lightning sweep $(SWEEP_FILE) --out $(SWEEP_OUT) $(ARGS)
+	$(BIN)/dpo-lightning compare $(SWEEP_OUT) --out $(SWEEP_OUT)/compare
 
 tiny: install  ## train the tiny CPU config on the HH data (1-2 min)
 	$(BIN)/dpo-lightning fit --config experiments/tiny_cpu.yaml

@@ -83,6 +83,11 @@ def model_config(meta: dict[str, Any]) -> Any:
     stored = (meta.get("dpo_lightning") or {}).get("hf_config")
     if stored:
         stored = dict(stored)
+        if stored.get("model_type") not in CONFIG_MAPPING:  # a model with its own code (trust_remote_code)
+            raise UserError(
+                f"the checkpoint's model type {stored.get('model_type')!r} is not one transformers knows: a model "
+                "with its own code (trust_remote_code) cannot be exported from its checkpoint"
+            )
         return CONFIG_MAPPING[stored["model_type"]].from_dict(stored)
     policy = (meta.get("hyper_parameters") or {}).get("policy")
     if policy:

@@ -73,3 +73,15 @@ def test_export_errors_are_clear(tmp_path):
     result = cli_main("export", str(tmp_path / "bad.ckpt"), str(tmp_path / "out"))
     assert result.returncode == 2 and result.stderr.startswith("dpo-lightning: error: ")
     assert len(result.stderr.strip().splitlines()) == 1 and "holds no policy weights" in result.stderr
+
+
+def test_a_model_type_transformers_does_not_know_is_a_clear_error(tmp_path):
+    """A checkpoint whose stored config names a model type outside transformers (a model with its own code) is a
+    UserError naming the type, not a KeyError traceback."""
+    checkpoint = {
+        "state_dict": {"policy.w": torch.zeros(1)},
+        "dpo_lightning": {"hf_config": {"model_type": "my_remote_arch", "hidden_size": 8}},
+    }
+    torch.save(checkpoint, tmp_path / "remote.ckpt")
+    with pytest.raises(UserError, match="'my_remote_arch' is not one transformers knows"):
+        main([str(tmp_path / "remote.ckpt"), str(tmp_path / "out"), "--tokenizer", str(tmp_path)])
