@@ -454,3 +454,25 @@ def part1_with(adam_runs, out: Path) -> int:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bandit, "train_bandits", cached)
         return cli.main(["--part", "1", "--out", str(out), "--seed", "0"])
+
+
+def record_wandb_logger(monkeypatch) -> dict:
+    """Replace WandbLogger with a recorder of its keyword arguments (bound against WandbLogger's own signature, so
+    a wrong name fails) and clear the run-folder variable ``build_loggers`` sets; returns the dict it fills."""
+    import inspect
+
+    import lightning.pytorch.loggers as pl_loggers
+
+    from dpo_lightning.cli import RUN_DIR_ENV
+
+    seen: dict = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            inspect.signature(pl_loggers.WandbLogger).bind(**kwargs)
+            seen.update(kwargs)
+
+    monkeypatch.setattr(pl_loggers, "WandbLogger", Recorder)
+    monkeypatch.setenv(RUN_DIR_ENV, "x")  # recorded, so the teardown restores its absence after build_loggers sets it
+    monkeypatch.delenv(RUN_DIR_ENV)
+    return seen

@@ -7,7 +7,7 @@ import pytest
 from dpo_lightning.cli import configure_wandb_mode
 from dpo_lightning.errors import DataError
 
-from helpers import make_datamodule
+from helpers import make_datamodule, record_wandb_logger
 
 
 @pytest.fixture
@@ -58,26 +58,15 @@ def test_wandb_logger_gets_the_run_name_group_and_job_type(tmp_path, monkeypatch
     """What a sweep trial passes (``--run.name <sweep>-NNN --run.group <sweep>``) reaches WandbLogger as the
     display name and group; the job type defaults to the loss (so runs colour by variant) and the config carries
     the dotted keys. The arguments are WandbLogger's own (bound against its signature)."""
-    import inspect
-
     import lightning.pytorch.loggers as pl_loggers
 
-    from dpo_lightning.cli import RUN_DIR_ENV, RunConfig, build_loggers
+    from dpo_lightning.cli import RunConfig, build_loggers
 
-    seen = {}
-
-    class Recorder:
-        def __init__(self, **kwargs):
-            inspect.signature(pl_loggers.WandbLogger).bind(**kwargs)
-            seen.update(kwargs)
-
-    monkeypatch.setattr(pl_loggers, "WandbLogger", Recorder)
-    monkeypatch.setenv(RUN_DIR_ENV, "x")  # recorded, so the teardown restores its absence after build_loggers sets it
-    monkeypatch.delenv(RUN_DIR_ENV)
+    seen = record_wandb_logger(monkeypatch)
     settings = {"model.beta": 0.5, "data.label_noise": 0.1}
     run = RunConfig(dir=str(tmp_path / "run"), name="loss_variants-003", group="loss_variants", tags=["t"])
     loggers, _ = build_loggers(run, "ipo", 0.5, settings)
-    assert isinstance(loggers[-1], Recorder)
+    assert isinstance(loggers[-1], pl_loggers.WandbLogger)  # the recorder, patched in
     assert (seen["name"], seen["group"], seen["job_type"], seen["tags"]) == ("loss_variants-003", "loss_variants",
                                                                            "ipo", ["t"])  # fmt: skip
     assert seen["config"] == settings and seen["save_dir"] == str(tmp_path / "run")

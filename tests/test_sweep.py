@@ -21,7 +21,7 @@ from dpo_lightning import sweep
 from dpo_lightning.errors import ConfigError
 from dpo_lightning.sweep_space import build_command, load_sweep, schema_violations
 
-from helpers import ROOT, synthetic_pairs, write_jsonl
+from helpers import ROOT, record_wandb_logger, synthetic_pairs, write_jsonl
 
 FAKE = ROOT / "tests" / "fixtures" / "sweep_fake_trial.py"
 SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -186,22 +186,9 @@ def test_a_sweep_trial_is_named_after_the_sweep_and_grouped_per_variant(monkeypa
 def test_build_loggers_names_a_sweep_trial_for_wandb(tmp_path, monkeypatch):
     """`--run.sweep` reaches WandbLogger: name, group, tags and the agent's project (arguments bound against
     WandbLogger's own signature)."""
-    import inspect
+    from dpo_lightning.cli import RunConfig, build_loggers
 
-    import lightning.pytorch.loggers as pl_loggers
-
-    from dpo_lightning.cli import RUN_DIR_ENV, RunConfig, build_loggers
-
-    seen = {}
-
-    class Recorder:
-        def __init__(self, **kwargs):
-            inspect.signature(pl_loggers.WandbLogger).bind(**kwargs)
-            seen.update(kwargs)
-
-    monkeypatch.setattr(pl_loggers, "WandbLogger", Recorder)
-    monkeypatch.setenv(RUN_DIR_ENV, "x")  # recorded, so the teardown restores its absence after build_loggers sets it
-    monkeypatch.delenv(RUN_DIR_ENV)
+    seen = record_wandb_logger(monkeypatch)
     monkeypatch.setenv("WANDB_RUN_ID", "r1d2")
     monkeypatch.setenv("WANDB_PROJECT", "from-agent")
     _, run_dir = build_loggers(RunConfig(dir=str(tmp_path / "t"), name="tiny_cpu", sweep="ln"), "ipo", 0.5)
