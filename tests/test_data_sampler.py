@@ -176,3 +176,106 @@ def test_lightning_resume_from_mid_epoch_checkpoint_sees_the_same_batches(tmp_pa
     for step in (13, 9):
         resumed = _fit(tmp_path / "r", pairs_file, tiny_tokenizer, ckpt_path=str(tmp_path / f"step={step}.ckpt"))
         assert resumed == full[step:], f"resume from step {step}"
+
+
+# ---------------------------------------------------------------- gradient accumulation with length grouping
+def _steps(batches: list[list[int]], k: int) -> list[list[int]]:
+    """The rows of each optimizer step (k consecutive batches), sorted."""
+    return [sorted(i for b in batches[j : j + k] for i in b) for j in range(0, len(batches), k)]
+
+
+def _global_steps(lengths, batch_size: int, accumulate: int, world: int = 1, **kwargs) -> list[list[int]]:
+    """Every rank's rows of each optimizer step together, sorted."""
+    shards = [
+        PreferenceSampler(lengths, batch_size=batch_size, num_replicas=world, rank=r, seed=5, accumulate=accumulate,
+                          mega_batch=3, **kwargs).batches()
+        for r in range(world)
+    ]  # fmt: skip
+    per_rank = [_steps(s, accumulate) for s in shards]
+    return [sorted(i for rank in step for i in rank) for step in zip(*per_rank, strict=True)]
+
+
+@pytest.mark.parametrize("n", [240, 101])
+def test_grouped_accumulation_forms_the_steps_of_one_larger_batch(n):
+    """Length-grouped, 8 pairs per optimizer step split four ways: 4 × accumulate 2, 2 × accumulate 4, 2 ranks ×
+    2 × accumulate 2 and 8 × accumulate 1 train on the same rows at every step, in the same order of steps
+    (mega-batches of 3 steps, so the sort is cut into several mega-batches; 101 pairs: 12 full steps and a last
+    one of 5, the world padding a repeat). Grouping per micro-batch (the old order) gives other steps."""
+    lengths = _lengths(n, seed=1)
+    one = _global_steps(lengths, 8, 1)
+    assert _global_steps(lengths, 4, 2) == one and _global_steps(lengths, 2, 4) == one
+    two_ranks = _global_steps(lengths, 2, 2, world=2)  # its last step holds n % 2 padding repeat(s) more
+    assert two_ranks[:-1] == one[:-1]
+    assert set(one[-1]) <= set(two_ranks[-1]) and len(two_ranks[-1]) - len(one[-1]) == n % 2
+    per_micro_batch = _steps(PreferenceSampler(lengths, batch_size=4, seed=5, mega_batch=3).batches(), 2)
+    assert per_micro_batch != one
+    ungrouped = {"group_by_length": False}  # no grouping: one permutation cut into batches, whatever the split
+    assert _global_steps(lengths, 4, 2, **ungrouped) == _global_steps(lengths, 8, 1, **ungrouped)
+
+
+def test_grouped_accumulation_keeps_shards_disjoint_and_the_longest_step_first():
+    """2 ranks × 4 pairs × accumulate 3 over 240 pairs: every pair once, ranks disjoint, as many batches on each;
+    each step's micro-batches are consecutive pieces of its length-sorted rows (the longest micro-batch first),
+    and the first step holds the longest pair."""
+    lengths = _lengths(240, seed=2)
+    shards = [PreferenceSampler(lengths, batch_size=4, num_replicas=2, rank=r, accumulate=3).batches() for r in (0, 1)]
+    flat = [[i for b in s for i in b] for s in shards]
+    assert not set(flat[0]) & set(flat[1]) and sorted(flat[0] + flat[1]) == list(range(240))
+    assert len(shards[0]) == len(shards[1]) == 30
+    first = PreferenceSampler(lengths, batch_size=4, num_replicas=2, accumulate=3).global_batches()[:3]
+    rows = [lengths[i] for b in first for i in b]
+    assert rows == sorted(rows, reverse=True) and rows[0] == max(lengths)
+
+
+def _accumulating_dm(pairs_file, tokenizer, accumulate: int, batch_size: int):
+    """A data module attached to a Trainer with ``accumulate_grad_batches`` (as ``fit`` attaches it)."""
+    dm = _dm(pairs_file, tokenizer, batch_size=batch_size)
+    dm.trainer = quiet_trainer(accumulate_grad_batches=accumulate)
+    return dm
+
+
+@pytest.mark.parametrize("skip", [3, 4])
+def test_resume_mid_accumulation_is_exact(pairs_file, tiny_tokenizer, skip):
+    """Grouped, 4 pairs × accumulate 2 (the data module reads it from its Trainer): a fresh data module restored
+    from the state saved after 3 micro-batches (inside an optimizer step) or 4 yields exactly the rest of the
+    uninterrupted epoch; the state names the accumulation, and a resume with another one warns."""
+    reference = _accumulating_dm(pairs_file, tiny_tokenizer, 2, 4).train_dataloader()
+    assert reference.sampler.accumulate == 2
+    epoch1 = _epoch(reference, 1)
+    interrupted = _accumulating_dm(pairs_file, tiny_tokenizer, 2, 4)
+    loader = interrupted.train_dataloader()
+    loader.sampler.set_epoch(1)
+    it = iter(loader)
+    first = [next(it)["index"].tolist() for _ in range(skip)]
+    state = interrupted.state_dict()
+    assert state["train_order"]["accumulate"] == 2 and state["train_order"]["batches"] == skip
+    resumed = _accumulating_dm(pairs_file, tiny_tokenizer, 2, 4)
+    resumed.load_state_dict(state)
+    assert first == epoch1[:skip] and _epoch(resumed.train_dataloader(), 1) == epoch1[skip:]
+    other = _accumulating_dm(pairs_file, tiny_tokenizer, 1, 4).train_dataloader()
+    with pytest.warns(UserWarning, match="accumulate 2 -> 1"):
+        other.load_state_dict(state["train_order"])
+    before = {k: v for k, v in state["train_order"].items() if k != "accumulate"}  # saved by an older version
+    with pytest.warns(UserWarning, match="accumulate 1 -> 2"):
+        _accumulating_dm(pairs_file, tiny_tokenizer, 2, 4).train_dataloader().load_state_dict(before)
+
+
+def test_lightning_accumulation_trains_the_steps_of_one_larger_batch(tmp_path, pairs_file, tiny_tokenizer):
+    """Under ``trainer.fit``, grouped: batch 4 × accumulate 2 is fed, optimizer step by optimizer step, the rows
+    batch 8 × accumulate 1 is (the data module takes the accumulation from its Trainer); resuming the accumulating
+    run from its step-5 checkpoint is fed exactly the rest."""
+
+    def fit(batch_size, accumulate, steps, ckpt_path=None, every=0):
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=every, save_top_k=-1)
+        trainer = quiet_trainer(max_steps=steps, accumulate_grad_batches=accumulate, limit_val_batches=0,
+                                enable_checkpointing=bool(every), callbacks=[saver] if every else [])  # fmt: skip
+        module = _Recorder()
+        trainer.fit(module, datamodule=_dm(pairs_file, tiny_tokenizer, batch_size=batch_size), ckpt_path=ckpt_path)
+        return module.seen
+
+    big = fit(8, 1, 12)
+    acc = fit(4, 2, 12, every=1)
+    assert len(big) == 12 and len(acc) == 24
+    assert _steps(acc, 2) == _steps(big, 1)
+    resumed = fit(4, 2, 12, ckpt_path=str(tmp_path / "ckpt" / "step=5.ckpt"))
+    assert resumed == acc[10:]

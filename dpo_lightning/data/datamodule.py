@@ -27,9 +27,10 @@ completion_{(i+1) mod B}) for KTO's KL reference point. What changes for them:
 Resuming the data order mid-epoch (for exact resume):
 
 - The training order is a pure function of (``data.seed``, epoch, data-parallel rank and world size,
-  ``batch_size``, the data); ``train_dataloader()`` returns a ``ResumableDataLoader`` whose sampler
-  (``PreferenceSampler``, a ``DistributedSampler``) has ``set_epoch``. Lightning calls ``set_epoch`` at every
-  epoch start and leaves the sampler in place under DDP/FSDP (it already is a distributed sampler).
+  ``batch_size``, the Trainer's ``accumulate_grad_batches``, the data); ``train_dataloader()`` returns a
+  ``ResumableDataLoader`` whose sampler (``PreferenceSampler``, a ``DistributedSampler``) has ``set_epoch``.
+  Lightning calls ``set_epoch`` at every epoch start and leaves the sampler in place under DDP/FSDP (it already
+  is a distributed sampler).
 - ``state_dict()`` of the data module returns ``{"seed", "train_order": {"epoch", "batches", ...}}``, where
   ``batches`` counts the batches handed out in the current epoch; ``load_state_dict()`` makes the next
   iteration of that epoch skip them (without loading them). Lightning saves both this and the loader's own
@@ -152,7 +153,9 @@ class PreferenceDataModule(TrainOrderState, pl.LightningDataModule):
             drop_identical: drop pairs whose chosen and rejected are identical after truncation (they carry
                 zero gradient); they are counted either way.
             group_by_length: batch pairs of similar length together (mega-batch sort) to cut padding.
-            mega_batch: global batches per length-sorted mega-batch when ``group_by_length``.
+            mega_batch: optimizer steps per length-sorted mega-batch when ``group_by_length``. The groups are whole
+                optimizer steps (``batch_size`` × ranks × the attached Trainer's ``accumulate_grad_batches``), so
+                accumulation trains on the same steps as one larger batch.
             max_bad_row_rate: fail at setup when more than this fraction of records is bad (with ``skip``).
             max_truncation_rate: fail at setup when more than this fraction of chosen or of rejected responses
                 is truncated.
@@ -405,7 +408,15 @@ class PreferenceDataModule(TrainOrderState, pl.LightningDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
-    def train_sampler(self, group_by_length: bool | None = None, num_replicas: int = 1, rank: int = 0):
+    def accumulation(self) -> int:
+        """Batches per optimizer step: the attached Trainer's ``accumulate_grad_batches``, else 1. Length grouping
+        groups whole optimizer steps, so ``batch_size`` B with accumulation k trains on the same steps as kB with 1
+        (read when the training loader is built: a ``GradientAccumulationScheduler`` changing it later is not seen)."""
+        return int(getattr(self.trainer, "accumulate_grad_batches", None) or 1)
+
+    def train_sampler(
+        self, group_by_length: bool | None = None, num_replicas: int = 1, rank: int = 0, accumulate: int = 1
+    ):
         return PreferenceSampler(
             self.pair_lengths("train").tolist(),
             batch_size=self.batch_size,
@@ -414,13 +425,14 @@ class PreferenceDataModule(TrainOrderState, pl.LightningDataModule):
             seed=self.seed,
             group_by_length=self.group_by_length if group_by_length is None else group_by_length,
             mega_batch=self.mega_batch,
+            accumulate=accumulate,
         )
 
     def train_dataloader(self) -> ResumableDataLoader:
         num_replicas, rank = self.data_parallel()
         loader = ResumableDataLoader(
             self.datasets["train"].select_columns(self.loader_columns).with_format(None),
-            sampler=self.train_sampler(num_replicas=num_replicas, rank=rank),
+            sampler=self.train_sampler(num_replicas=num_replicas, rank=rank, accumulate=self.accumulation()),
             collate_fn=self.collator(),
             num_workers=self.num_workers,
         )

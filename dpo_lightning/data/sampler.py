@@ -2,19 +2,26 @@
 
 ``PreferenceSampler`` decides the order. Each epoch it draws a permutation from ``seed + epoch`` (as
 ``DistributedSampler`` does); with ``group_by_length`` it cuts the permutation into mega-batches of
-``mega_batch`` global batches, sorts each mega-batch by length (the common trainers' trick: similar lengths
-share a batch, so little of it is padding) and shuffles the order of the global batches again, putting the
-longest first so a batch that does not fit in memory fails at step 1, not hours in. A global batch is
-``batch_size × num_replicas`` pairs; rank r takes the r-th slice of each, so ranks see disjoint pairs and
-every pair is seen once per epoch (when the data does not divide evenly, the last global batch is padded
-with fewer than ``num_replicas`` repeated pairs, as ``DistributedSampler`` pads). It is a
-``DistributedSampler``, so Lightning neither replaces it under DDP/FSDP nor forgets to call ``set_epoch``.
+``mega_batch`` optimizer steps, sorts each mega-batch by length (the common trainers' trick: similar lengths
+share a batch, so little of it is padding) and shuffles the order of the steps again, putting the longest
+first so a batch that does not fit in memory fails at step 1, not hours in. A step is ``batch_size ×
+num_replicas × accumulate`` pairs, cut into ``accumulate`` global batches of ``batch_size × num_replicas``;
+rank r takes the r-th slice of each, so ranks see disjoint pairs and every pair is seen once per epoch (when
+the data does not divide evenly, the last global batch is padded with fewer than ``num_replicas`` repeated
+pairs, as ``DistributedSampler`` pads). It is a ``DistributedSampler``, so Lightning neither replaces it under
+DDP/FSDP nor forgets to call ``set_epoch``.
+
+Grouping whole optimizer steps (not micro-batches) is what keeps gradient accumulation exact: ``batch_size`` B
+with ``accumulate`` k forms every optimizer step from the same pairs, in the same order of steps, as
+``batch_size`` kB with ``accumulate`` 1 (or any other split of the same global step over ranks and
+micro-batches), so the runs follow the same curve. Without grouping the order is one permutation cut into
+batches, whatever ``accumulate``.
 
 ``ResumableDataLoader`` counts the batches it has handed out in the current epoch. Its ``state_dict()`` /
 ``load_state_dict()`` are called by Lightning (the fit loop stores the states of stateful train loaders in
 every checkpoint and restores them before iterating); a restored loader skips the batches already trained on
 (without loading them) and yields exactly the rest of that epoch's batches. The order is a function of
-(seed, epoch, rank, world size, batch size, data), so nothing else needs saving.
+(seed, epoch, rank, world size, batch size, accumulation, data), so nothing else needs saving.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ class PreferenceSampler(DistributedSampler):
         rank: this process's data-parallel rank.
         seed: with the epoch, seeds the order; every rank must use the same seed.
         group_by_length: group pairs of similar length (less padding); ``False``: plain shuffle.
-        mega_batch: global batches per sorted mega-batch (larger: less padding, less randomness).
+        mega_batch: optimizer steps per sorted mega-batch (larger: less padding, less randomness).
+        accumulate: batches per optimizer step (the Trainer's ``accumulate_grad_batches``); with
+            ``group_by_length`` the groups are whole steps, each split into ``accumulate`` consecutive batches.
     """
 
     def __init__(
@@ -51,12 +60,16 @@ class PreferenceSampler(DistributedSampler):
         seed: int = 0,
         group_by_length: bool = True,
         mega_batch: int = 50,
+        accumulate: int = 1,
     ):
         super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         self.lengths = [int(n) for n in lengths]
         self.batch_size = batch_size
         self.group_by_length = group_by_length
         self.mega_batch = mega_batch
+        self.accumulate = int(accumulate)
         self.start_batch = 0  # batches to skip at the next __iter__ only (set by ResumableDataLoader)
         n, world = len(self.lengths), num_replicas
         tail = n % (batch_size * world)
@@ -64,25 +77,28 @@ class PreferenceSampler(DistributedSampler):
         self.total_size = self.num_samples * world
 
     def global_batches(self, epoch: int | None = None) -> list[list[int]]:
-        """The epoch's global batches (``batch_size × num_replicas`` pairs each; the last may be smaller)."""
+        """The epoch's global batches (``batch_size × num_replicas`` pairs each; the last may be smaller), each
+        optimizer step's ``accumulate`` batches one after the other."""
         epoch = self.epoch if epoch is None else epoch
         n, size = len(self.lengths), self.batch_size * self.num_replicas
+        step = size * self.accumulate
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(n, generator=generator).tolist()
         if self.group_by_length:
-            chunk = size * self.mega_batch
+            chunk = step * self.mega_batch
             order = [i for start in range(0, n, chunk) for i in sorted(order[start : start + chunk], key=self._desc)]
-        batches = [order[start : start + size] for start in range(0, n, size)]
-        full = [b for b in batches if len(b) == size]
-        tail = [b for b in batches if len(b) < size]
+        steps = [order[start : start + step] for start in range(0, n, step)]
+        full = [s for s in steps if len(s) == step]
+        tail = [s for s in steps if len(s) < step]
         if self.group_by_length and full:
             full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
             longest = max(range(len(full)), key=lambda i: self.lengths[full[i][0]])
             full[0], full[longest] = full[longest], full[0]
-        if tail:  # pad to a multiple of the world size, as DistributedSampler does
-            short = self.total_size - len(full) * size - len(tail[0])
-            tail = [tail[0] + [order[i % n] for i in range(short)]]
-        return full + tail
+        batches = [s[start : start + size] for s in full + tail for start in range(0, len(s), size)]
+        if batches and len(batches[-1]) < size:  # pad to a multiple of the world size, as DistributedSampler does
+            short = self.total_size - (len(batches) - 1) * size - len(batches[-1])
+            batches[-1] = batches[-1] + [order[i % n] for i in range(short)]
+        return batches
 
     def _desc(self, i: int) -> int:
         return -self.lengths[i]
@@ -108,7 +124,7 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader over a ``PreferenceSampler`` whose position in the epoch can be saved and restored.
 
     ``state_dict()`` -> ``{"epoch", "batches", "seed", "batch_size", "num_replicas", "num_pairs",
-    "group_by_length"}``, where ``batches`` counts the batches yielded so far in ``epoch``.
+    "group_by_length", "accumulate"}``, where ``batches`` counts the batches yielded so far in ``epoch``.
     ``load_state_dict(state)``: the next iteration of that epoch starts after those batches (an iteration of
     another epoch starts at its beginning; Lightning calls ``set_epoch`` before iterating).
     """
@@ -134,28 +150,29 @@ class ResumableDataLoader(DataLoader):
             self._batches += 1
             yield batch
 
-    def state_dict(self) -> dict[str, Any]:
+    def _settings(self) -> dict[str, Any]:
+        """What the order depends on besides the epoch (a sampler without ``accumulate`` has 1)."""
         sampler = self.sampler
-        position = self._resume or {"epoch": sampler.epoch, "batches": self._batches}
         return {
-            **position,
             "seed": sampler.seed,
             "batch_size": sampler.batch_size,
             "num_replicas": sampler.num_replicas,
             "num_pairs": len(sampler.lengths),
             "group_by_length": sampler.group_by_length,
+            "accumulate": getattr(sampler, "accumulate", 1),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        position = self._resume or {"epoch": self.sampler.epoch, "batches": self._batches}
+        return {**position, **self._settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         sampler = self.sampler
         batches = int(state["batches"])
-        mine = {
-            "seed": sampler.seed,
-            "batch_size": sampler.batch_size,
-            "num_replicas": sampler.num_replicas,
-            "num_pairs": len(sampler.lengths),
-            "group_by_length": sampler.group_by_length,
-        }
+        mine = self._settings()
+        if not sampler.group_by_length:  # the accumulation changes only a grouped order
+            mine.pop("accumulate")
+        state = {"accumulate": 1, **state}  # a state saved before it was kept grouped per batch: accumulate 1
         changed = [f"{k} {state[k]} -> {v}" for k, v in mine.items() if k in state and state[k] != v]
         if changed:
             pairs_seen = batches * int(state.get("batch_size", sampler.batch_size)) * int(state.get("num_replicas", 1))
