@@ -321,16 +321,18 @@ def in_process_fit(
     trainer: dict | None = None,
     **module_kwargs,
 ):
-    """The base config's run in this process (no checkpoints), with a plain shuffled data order."""
+    """The base config's run in this process (no checkpoints), with a plain shuffled data order unless ``data``
+    sets ``group_by_length``."""
     import lightning.pytorch as pl
 
     from dpo_lightning.module import PreferenceModule
 
     pl.seed_everything(seed, verbose=False)
-    settings = {"max_length": 64, "max_prompt_length": 32, "eval_batch_size": 8, **(data or {})}
+    settings = {"max_length": 64, "max_prompt_length": 32, "eval_batch_size": 8, "group_by_length": False}
+    settings.update(data or {})
     dm = make_datamodule(
         assets / "train.jsonl", assets / "tokenizer", val_files=str(assets / "val.jsonl"), batch_size=batch_size,
-        group_by_length=False, **settings,
+        **settings,
     )  # fmt: skip
     module = PreferenceModule(
         **{"policy": str(assets / "policy"), "lr": 1e-3, "warmup_steps": 2, **module_kwargs}, tokenizer=dm.tokenizer

@@ -44,10 +44,34 @@ def test_world_size_invariance(assets):
 
 
 def test_gradient_accumulation_invariance(assets, tmp_path):
-    """accumulate 2 x 4 pairs == batch 8: the same curve. (Plain shuffled order here: the length-grouped order
-    is cut per batch_size x ranks, so it differs between these two runs; see the report on the data side.)"""
+    """accumulate 2 x 4 pairs == batch 8: the same curve (plain shuffled order; grouped order: the next test)."""
     in_process_fit(assets, tmp_path / "acc", batch_size=4, accumulate=2)
     assert_same_curves(tmp_path / "acc", plain_run(assets))
+
+
+def test_gradient_accumulation_invariance_with_length_grouping(assets, tmp_path):
+    """With length grouping on, accumulate 2 x 4 pairs == batch 8 as well: the sampler groups whole optimizer
+    steps (8 pairs, the data module reads the Trainer's ``accumulate_grad_batches``) and cuts each into its 2
+    micro-batches, so both runs train on the same pairs at every step: the same curve, and the same weights after
+    5 steps. Grouping per micro-batch (4 pairs) would give other steps on this data (checked, so the test can fail)."""
+    from dpo_lightning.data.sampler import PreferenceSampler
+
+    grouped = {"group_by_length": True}
+    acc = in_process_fit(assets, tmp_path / "acc", batch_size=4, accumulate=2, data=grouped)
+    big = in_process_fit(assets, tmp_path / "big", data=grouped)
+    small, large = acc.train_dataloader.sampler, big.train_dataloader.sampler
+    assert small.accumulate == 2 and small.group_by_length
+
+    def steps(batches, k):
+        return [sorted(i for b in batches[j : j + k] for i in b) for j in range(0, len(batches), k)]
+
+    assert steps(small.batches(0), 2) == steps(large.batches(0), 1)
+    per_micro_batch = PreferenceSampler(small.lengths, batch_size=4, seed=small.seed).batches(0)
+    assert steps(per_micro_batch, 2)[:5] != steps(large.batches(0), 1)[:5]
+    assert_same_curves(tmp_path / "acc", tmp_path / "big")
+    weights_acc, weights_big = acc.lightning_module.policy.state_dict(), big.lightning_module.policy.state_dict()
+    worst = max((weights_acc[k] - weights_big[k]).abs().max().item() for k in weights_big)
+    assert worst <= 1e-5, f"weights after 5 steps differ by {worst:.2e}"
 
 
 def test_activation_checkpointing_is_exact(assets, tmp_path):
