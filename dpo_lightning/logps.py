@@ -6,17 +6,23 @@ whose label is ``IGNORE_INDEX`` (the prompt and the padding) contribute nothing.
 ``response_logps`` scores a model on a batch without computing the logits nobody reads: the output layer
 (hidden -> vocabulary) runs only at positions whose next token is a response token. On HH pairs about one
 position in six is one, and at small model sizes the output layer is most of the step, so this is the largest
-single speed and memory lever we measured (reports/bench/README.md).
+single speed and memory lever we measured (reports/bench/README.md). With ``chunk_size`` set, those positions go
+through the output layer and the log-softmax ``chunk_size`` at a time, each chunk recomputed in the backward
+(:func:`chunked_token_logps`), so the (positions x vocabulary) logits never exist at once: at a large vocabulary they
+are the step's largest tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dpo_lightning.errors import ConfigError
 
 IGNORE_INDEX = -100
 Aggregation = Literal["sum", "mean"]
@@ -96,12 +102,70 @@ def output_layer_on(model: nn.Module, positions: torch.Tensor) -> Iterator[None]
         handle.remove()
 
 
+def chunked_token_logps(
+    project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Per-position log p(target), (N,), of ``project(hidden)`` logits, ``chunk_size`` rows at a time.
+
+    ``project`` maps hidden states (n, H) to logits (n, V) (the output layer). With gradients on, each chunk runs
+    under ``torch.utils.checkpoint``: its logits are freed after the chunk's gather − logsumexp and recomputed in the
+    backward, so neither pass holds more than one chunk's (chunk_size, V) logits. The maths per row is
+    :func:`token_logps`'s (float32 gather − logsumexp).
+    """
+
+    def piece(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_logps(project(rows).unsqueeze(0), labels.unsqueeze(0)).squeeze(0)
+
+    parts = []
+    for start in range(0, max(len(hidden), 1), chunk_size):  # one (empty) chunk when nothing is scored
+        rows, labels = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(piece, rows, labels, use_reentrant=False))
+        else:
+            parts.append(piece(rows, labels))
+    return torch.cat(parts)
+
+
+@contextlib.contextmanager
+def chunked_output_layer(
+    model: nn.Module, positions: torch.Tensor, targets: torch.Tensor, chunk_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, the model's output layer scores ``hidden[:, :-1][positions]`` in chunks.
+
+    Its forward is swapped for one that puts the per-position log-probs (N,) of ``targets`` (N,) in the yielded
+    dict (``"per_token"``) and returns the logits of the first position only (``"probe"``, (1, V)), so the model's
+    forward still runs its own steps after the output layer, on one row. The swap happens inside the model's
+    forward, so under FSDP2 the layer's weights are gathered when it runs, in the forward and the recompute.
+    """
+    head = model.get_output_embeddings()
+    own = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook) to restore
+    project = head.forward
+    found: dict[str, torch.Tensor] = {}
+
+    def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rows = hidden[:, :-1][positions]  # position t predicts token t+1
+        found["per_token"] = chunked_token_logps(lambda x: project(x, *args, **kwargs), rows, targets, chunk_size)
+        with torch.no_grad():
+            found["probe"] = project(rows[:1], *args, **kwargs)
+        return found["probe"]
+
+    head.forward = forward
+    try:
+        yield found
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
 def response_logps(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     aggregation: Aggregation = "sum",
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Sequence log-probs (B,), as :func:`sequence_logps` of the model's logits, scoring response positions only.
 
@@ -110,16 +174,33 @@ def response_logps(
         input_ids, attention_mask: (B, T) model inputs.
         labels: (B, T) with prompt and padding set to ``IGNORE_INDEX``.
         aggregation: ``sum`` or ``mean`` over the response tokens, as in :func:`sequence_logps`.
+        chunk_size: ``None`` projects all response positions at once; a number projects them that many at a time
+            (:func:`chunked_output_layer`), the same log-probs with one chunk's logits in memory.
     """
     if aggregation not in ("sum", "mean"):
         raise ValueError(f"logp_aggregation must be 'sum' or 'mean', got {aggregation!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"model.logp_chunk_size must be a positive integer or null, got {chunk_size!r}")
     targets = labels[:, 1:]  # (B, T-1)
     positions = targets != IGNORE_INDEX
-    with output_layer_on(model, positions):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, V)
+    found: dict[str, torch.Tensor] = {}
+    if chunk_size is None:
+        with output_layer_on(model, positions):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, V)
+    else:
+        with chunked_output_layer(model, positions, targets[positions], chunk_size) as found:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (1, V): the probe
     if logits.dim() == 3:  # the model did not pass its hidden states through the output layer: full logits came back
         return sequence_logps(logits, labels, aggregation)[0]
-    per_token = token_logps(logits.unsqueeze(0), targets[positions].unsqueeze(0)).squeeze(0)  # (N,)
+    if chunk_size is None:
+        per_token = token_logps(logits.unsqueeze(0), targets[positions].unsqueeze(0)).squeeze(0)  # (N,)
+    elif torch.equal(logits.detach().float(), found["probe"].float()):
+        per_token = found["per_token"]
+    else:
+        raise ConfigError(
+            f"model.logp_chunk_size: {type(model).__name__}'s forward changes the logits after its output layer "
+            "(e.g. softcapping or scaling), which the chunked head would skip; set model.logp_chunk_size: null"
+        )
     totals = per_token.new_zeros(targets.shape[0]).index_add(0, positions.nonzero()[:, 0], per_token)
     if aggregation == "mean":
         totals = totals / positions.sum(-1).clamp(min=1)

@@ -123,3 +123,139 @@ def test_a_minus_inf_logit_at_a_masked_position_leaves_the_sums_finite():
     assert mean.tolist() == pytest.approx([-math.log(5)] * 2, abs=1e-6)
     total.sum().backward()
     assert torch.isfinite(planted.grad).all()
+
+
+def _tiny_head(hidden: int = 8, vocab: int = 37) -> torch.nn.Linear:
+    """An output layer with a bias; token 0 gets a -inf bias, so it is never predicted and never a target."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(hidden, vocab)
+    with torch.no_grad():
+        head.bias[0] = -math.inf
+    return head
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 12, 50])  # N = 12: divides, does not, one chunk, larger than N
+def test_chunked_token_logps_equal_one_shot_values_and_gradients(chunk_size):
+    """Chunking the output layer + gather − logsumexp over positions changes which rows a matmul sees, not the
+    maths: per-position log-probs and their gradients w.r.t. the hidden states, the output weight and its bias
+    equal token_logps over the one-shot (N, V) logits (fp32, 1e-6), for a random upstream gradient. A -inf logit
+    (token 0's bias) is in every row's logsumexp and leaves everything finite; a -inf *target* (row 3's label is
+    token 0) gives -inf in both, and its row's gradient stays finite."""
+    from dpo_lightning.logps import chunked_token_logps
+
+    head = _tiny_head()
+    hidden = torch.randn(12, 8, requires_grad=True)
+    targets = torch.randint(1, 37, (12,))
+    upstream = torch.randn(12)
+    one_shot = token_logps(head(hidden).unsqueeze(0), targets.unsqueeze(0)).squeeze(0)
+    wanted = torch.autograd.grad((one_shot * upstream).sum(), (hidden, head.weight, head.bias))
+    chunked = chunked_token_logps(head, hidden, targets, chunk_size)
+    got = torch.autograd.grad((chunked * upstream).sum(), (hidden, head.weight, head.bias))
+    assert chunked.shape == (12,) and torch.isfinite(chunked).all()
+    assert torch.allclose(chunked, one_shot, atol=1e-6, rtol=0)
+    for g, w in zip(got, wanted, strict=True):
+        assert torch.isfinite(g).all() and torch.allclose(g, w, atol=1e-6, rtol=0)
+
+    targets[3] = 0  # the -inf logit is now a target
+    inf_chunked = chunked_token_logps(head, hidden, targets, chunk_size)
+    inf_one_shot = token_logps(head(hidden).unsqueeze(0), targets.unsqueeze(0)).squeeze(0)
+    assert inf_chunked[3] == -math.inf and inf_one_shot[3] == -math.inf
+    keep = torch.arange(12) != 3
+    assert torch.allclose(inf_chunked[keep], inf_one_shot[keep], atol=1e-6, rtol=0)
+    (g_hidden,) = torch.autograd.grad(inf_chunked[keep].sum(), hidden)
+    assert torch.isfinite(g_hidden).all()
+    with torch.no_grad():  # the reference's path: no checkpoint, the same numbers
+        assert torch.allclose(chunked_token_logps(head, hidden, targets, chunk_size)[keep], inf_one_shot[keep])
+
+
+@pytest.mark.parametrize(("aggregation", "chunk_size"), [("sum", 1), ("sum", 4), ("mean", 7), ("mean", 64)])
+def test_chunked_response_logps_equal_one_shot_on_a_model(aggregation, chunk_size):
+    """response_logps with chunk_size equals the one-shot response-only head (itself tested against the full
+    logits above) on a tiny GPT-2 with prompt, padding and a row with no response token at all (its sum is 0):
+    values and gradients w.r.t. the tied output weight (= the embeddings) and the final norm, which the hidden
+    states pass through (fp32, 1e-5 as the test above: sums near -20 and gradients summed over two layers
+    differ in their float32 rounding, up to 1.9e-6; the head alone is held to 1e-6 above). The 14 scored
+    positions (6 + 4 + 4) make chunk 7 divide and 4 not."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dpo_lightning.logps import response_logps
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_layer=2, n_embd=32, n_head=2, n_positions=16)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    model = GPT2LMHeadModel(config)
+    input_ids = torch.randint(0, 50, (4, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    labels = input_ids.clone()
+    labels[:, :3] = X
+    labels[1, 7:] = X
+    labels[2, :5] = X  # a longer prompt
+    labels[3, :] = X  # nothing scored in row 3
+    assert (labels[:, 1:] != X).sum() == 14
+    params = (model.transformer.wte.weight, model.transformer.ln_f.weight)
+
+    one_shot = response_logps(model, input_ids, attention_mask, labels, aggregation)
+    wanted = torch.autograd.grad((one_shot * torch.arange(1.0, 5.0)).sum(), params)
+    chunked = response_logps(model, input_ids, attention_mask, labels, aggregation, chunk_size)
+    got = torch.autograd.grad((chunked * torch.arange(1.0, 5.0)).sum(), params)
+    assert chunked[3] == 0
+    assert torch.allclose(chunked, one_shot, atol=1e-5, rtol=0)
+    for g, w in zip(got, wanted, strict=True):
+        assert torch.allclose(g, w, atol=1e-5, rtol=0)
+    assert "forward" not in model.lm_head.__dict__  # the output layer's own forward is back
+
+    nothing = torch.full_like(labels, X)  # no response token in the whole batch
+    assert response_logps(model, input_ids, attention_mask, nothing, aggregation, chunk_size).tolist() == [0.0] * 4
+
+
+def test_chunked_head_refuses_a_model_that_changes_logits_after_its_output_layer():
+    """A step after the output layer (here a hook doubling the logits, as softcapping or a logit scale would
+    change them) is not in the chunked head's maths: a ConfigError naming model.logp_chunk_size, not wrong
+    log-probs; a chunk size below 1 is one too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dpo_lightning.errors import ConfigError
+    from dpo_lightning.logps import response_logps
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_layer=1, n_embd=16, n_head=2, n_positions=8))
+    input_ids = torch.randint(0, 50, (2, 6))
+    labels = input_ids.clone()
+    labels[:, :2] = X
+    with pytest.raises(ConfigError, match="logp_chunk_size"):
+        response_logps(model, input_ids, torch.ones_like(input_ids), labels, "sum", 0)
+    model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(ConfigError, match="logp_chunk_size.*after its output layer"):
+        response_logps(model, input_ids, torch.ones_like(input_ids), labels, "sum", 3)
+
+
+def test_preference_module_passes_logp_chunk_size_to_the_head(assets, tiny_tokenizer):
+    """``model.logp_chunk_size`` reaches the policy's and the reference's head: on a collated batch of the test
+    pairs the loss and the policy's gradients equal the one-shot module's (fp32, 1e-5), and the chunked head is
+    the one that ran (its swapped forward is seen). Without ``score_response_only`` it is a ConfigError."""
+    from dpo_lightning.errors import ConfigError
+    from dpo_lightning.module import PreferenceModule
+    from tests.helpers import make_datamodule
+
+    dm = make_datamodule(assets / "train.jsonl", tiny_tokenizer, setup=True)
+    rows = dm.datasets["train"].select_columns(dm.loader_columns).with_format(None)
+    batch = dm.collator()([rows[i] for i in range(4)])
+    losses, grads = [], []
+    for chunk in (None, 5):
+        torch.manual_seed(0)
+        module = PreferenceModule(policy=str(assets / "policy"), tokenizer=dm.tokenizer, logp_chunk_size=chunk)
+        swapped = []
+        for model in (module.policy, module.reference):
+            head = model.get_output_embeddings()
+            head.register_forward_pre_hook(lambda m, args, seen=swapped: seen.append("forward" in m.__dict__))
+        loss, _ = module.model_step(batch)
+        loss.backward()
+        assert swapped == [chunk is not None] * 2  # the policy's head, then the reference's
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None]))
+    assert torch.allclose(losses[1], losses[0], atol=1e-5, rtol=0)
+    assert torch.allclose(grads[1], grads[0], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="logp_chunk_size.*score_response_only"):
+        PreferenceModule(
+            policy=str(assets / "policy"), tokenizer=dm.tokenizer, score_response_only=False, logp_chunk_size=5
+        )
