@@ -178,50 +178,70 @@ def tokenizer_from_policy(config) -> None:
         )
 
 
+class RunCLIMixin:
+    """What every trainer command (``fit``/``validate``/``test``, ``sft``, ``ppo``) adds to LightningCLI: the
+    ``run.*`` keys, the data's tokenizer handed to the model (and taken from a model directory, see
+    :func:`tokenizer_from_policy`), and the run folder with its loggers. Mixed in before ``LightningCLI``; a command
+    names its runs with :meth:`run_identity`."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(RunConfig, "run")
+        parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        tokenizer_from_policy(self.config[self.subcommand] if self.subcommand else self.config)
+
+    def run_identity(self, model) -> tuple[str, float | None]:
+        """(name, β) of the instantiated ``model``: the default run name ``<name>-beta<β>`` and wandb's job type."""
+        raise NotImplementedError
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand]
+        if config["trainer"].get("logger") in (None, True):
+            settings = flat_config(self.config[self.subcommand].as_dict())
+            root = config["trainer"].get("default_root_dir")  # honoured: the run folder goes under it
+            identity = self.run_identity(config["model"])
+            kwargs["logger"], _ = build_loggers(config["run"], *identity, settings, root=root)
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_lightning_cli(cli_class, model_class, data_class, argv: list[str] | None) -> int:
+    """Run ``cli_class`` (a :class:`RunCLIMixin` LightningCLI) over the two classes on ``argv``, as every trainer
+    command does: optimizers from the module, the resolved config saved over an earlier one."""
+    cli_class(model_class, data_class, args=argv, auto_configure_optimizers=False,
+              save_config_kwargs={"overwrite": True})  # fmt: skip
+    return 0
+
+
 def _lightning_cli(argv: list[str] | None, sft: bool = False) -> int:
     """Run LightningCLI on ``argv`` (``None``: on sys.argv, as a console script does); ``sft``: the SFT stage
     (SFTModule and SFTDataModule, trained as ``fit`` trains)."""
     from lightning.pytorch.cli import LightningCLI
 
+    if sft:  # `sft ARGS` is `fit ARGS` of the SFT module
+        from dpo_lightning.sft import SFTDataModule, SFTModule
+
+        class SFTCLI(RunCLIMixin, LightningCLI):
+            def run_identity(self, model) -> tuple[str, float | None]:
+                return "sft", None
+
+        return run_lightning_cli(SFTCLI, SFTModule, SFTDataModule, ["fit", *(argv or [])])
+
     from dpo_lightning.data import PreferenceDataModule
     from dpo_lightning.module import PreferenceModule
 
-    class PreferenceCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.add_class_arguments(RunConfig, "run")
-            parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
-
+    class PreferenceCLI(RunCLIMixin, LightningCLI):
         def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
             config = self.config[self.subcommand] if self.subcommand else self.config
-            tokenizer_from_policy(config)
-            if sft:
-                return
             if config.model.label_smoothing == "label_noise":  # cDPO's ε follows the data's flip rate
                 config.model.label_smoothing = config.data.label_noise
             _unpair_for_unpaired_losses(config)
 
-        def instantiate_trainer(self, **kwargs):
-            config = self.config_init[self.subcommand]
-            if config["trainer"].get("logger") in (None, True):
-                model = config["model"]
-                settings = flat_config(self.config[self.subcommand].as_dict())
-                identity = ("sft", None) if sft else (model.loss_name, model.beta)
-                root = config["trainer"].get("default_root_dir")  # honoured: the run folder goes under it
-                kwargs["logger"], _ = build_loggers(config["run"], *identity, settings, root=root)
-            return super().instantiate_trainer(**kwargs)
+        def run_identity(self, model) -> tuple[str, float | None]:
+            return model.loss_name, model.beta
 
-    classes = (PreferenceModule, PreferenceDataModule)
-    if sft:  # `sft ARGS` is `fit ARGS` of the SFT module
-        from dpo_lightning.sft import SFTDataModule, SFTModule
-
-        classes, argv = (SFTModule, SFTDataModule), ["fit", *(argv or [])]
-    PreferenceCLI(
-        *classes,
-        args=argv,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-    )
-    return 0
+    return run_lightning_cli(PreferenceCLI, PreferenceModule, PreferenceDataModule, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

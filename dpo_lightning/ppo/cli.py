@@ -12,7 +12,7 @@ handed to the model, and ``data.tokenizer`` defaults to ``model.policy`` when th
 
 from __future__ import annotations
 
-from dpo_lightning.cli import RunConfig, build_loggers, flat_config, tokenizer_from_policy
+from dpo_lightning.cli import RunCLIMixin, run_lightning_cli
 
 
 def main(argv: list[str]) -> int:
@@ -22,29 +22,16 @@ def main(argv: list[str]) -> int:
     from dpo_lightning.ppo.data import PromptDataModule
     from dpo_lightning.ppo.module import PPOModule
 
-    class PPOCLI(LightningCLI):
+    class PPOCLI(RunCLIMixin, LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
-            parser.add_class_arguments(RunConfig, "run")
-            parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
+            super().add_arguments_to_parser(parser)
             parser.link_arguments(("model.ppo_epochs", "model.num_minibatches"), "data.updates_per_rollout",
                                   compute_fn=lambda epochs, parts: epochs * parts)  # fmt: skip
 
-        def before_instantiate_classes(self) -> None:
-            tokenizer_from_policy(self.config[self.subcommand])  # a model directory brings its tokenizer
-
-        def instantiate_trainer(self, **kwargs):
-            config = self.config_init[self.subcommand]
-            if config["trainer"].get("logger") in (None, True):
-                settings = flat_config(self.config[self.subcommand].as_dict())
-                root = config["trainer"].get("default_root_dir")  # honoured, as fit does
-                kwargs["logger"], _ = build_loggers(
-                    config["run"], "ppo", config["model"].hparams.kl_coef, settings, root=root
-                )
-            return super().instantiate_trainer(**kwargs)
+        def run_identity(self, model) -> tuple[str, float | None]:
+            return "ppo", model.hparams.kl_coef
 
     args = list(argv)
     if args[:1] != ["fit"]:  # PPO only trains: `ppo ARGS` is `fit ARGS`
         args = ["fit", *args]
-    PPOCLI(PPOModule, PromptDataModule, args=args, auto_configure_optimizers=False,
-           save_config_kwargs={"overwrite": True})  # fmt: skip
-    return 0
+    return run_lightning_cli(PPOCLI, PPOModule, PromptDataModule, args)
