@@ -8,7 +8,8 @@ on, and, when fitting, it then leaves memory.
 
 :class:`FrozenReference` is a mixin placed before ``pl.LightningModule`` in the bases; the module provides
 ``concatenated_logps(model, batch)`` and ``hparams.precompute_reference``, and its ``__init__`` calls
-``_set_reference`` and sets ``reference_fingerprint = None`` and ``_reference_tables = {}``.
+``_set_reference`` and sets ``reference_fingerprint = None`` and ``_reference_tables = {}``. The part without
+log-probs, :class:`ReferenceHolder`, is PPOModule's too.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from dpo_lightning import reference as ref_store
 from dpo_lightning.errors import ConfigError
 
 
-class FrozenReference:
-    """The reference property, its device/dtype/mode handling, its fingerprint and its precomputed log-probs."""
+class ReferenceHolder:
+    """The reference property, its device/dtype/mode handling and its fingerprint: what every module with a frozen
+    reference needs (PreferenceModule through :class:`FrozenReference`, PPOModule directly). The module's
+    ``__init__`` calls ``_set_reference`` and sets ``reference_fingerprint = None``."""
 
-    # ------------------------------------------------------------------ the reference, outside the state dict
     @property
     def reference(self) -> nn.Module | None:
         """The frozen reference model (``None`` when reference-free or after precomputing its log-probs)."""
@@ -63,7 +65,10 @@ class FrozenReference:
                 "model.policy_config, the same seed_everything."
             )
 
-    # ------------------------------------------------------------------ its log-probs
+
+class FrozenReference(ReferenceHolder):
+    """PreferenceModule's reference: the holder plus its log-probs, per step or from precomputed tables."""
+
     def reference_logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> torch.Tensor:
         """Reference log-probs (2B,): from the precomputed store when there is one, else a no-grad forward."""
         if split in self._reference_tables:

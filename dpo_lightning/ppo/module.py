@@ -28,7 +28,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import nn
 
 from dpo_lightning.errors import ConfigError
 from dpo_lightning.models import build_causal_lm
@@ -44,8 +43,9 @@ from dpo_lightning.ppo.functions import (
     whiten,
 )
 from dpo_lightning.ppo.rollout import Rollout, ValueHead, pack, policy_outputs
-from dpo_lightning.reference import model_fingerprint
+from dpo_lightning.reference_holder import ReferenceHolder
 from dpo_lightning.sampling import sample
+from dpo_lightning.schedule import lr_factor
 from dpo_lightning.strategy import all_gather_objects, is_fsdp, rank_and_world, shard_model
 
 # Lightning warns that a checkpoint of a manual-optimization step holds the weights after the update: that is
@@ -60,7 +60,7 @@ def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-class PPOModule(pl.LightningModule):
+class PPOModule(ReferenceHolder, pl.LightningModule):  # the reference outside the state dict
     def __init__(
         self,
         reward: str | dict[str, Any],
@@ -146,7 +146,7 @@ class PPOModule(pl.LightningModule):
             zero_dropout(self.policy)
             zero_dropout(frozen)
         frozen.requires_grad_(False).eval()
-        self.__dict__["_frozen_reference"] = frozen  # outside the state dict and the optimizer, as in PreferenceModule
+        self._set_reference(frozen)  # outside the state dict and the optimizer, as in PreferenceModule
         self.value_head = ValueHead(self.policy.config.hidden_size)
         if kl_target is None:
             self.kl_controller: FixedKLController = FixedKLController(kl_coef)
@@ -162,21 +162,6 @@ class PPOModule(pl.LightningModule):
     @property
     def updates_per_rollout(self) -> int:
         return self.hparams.ppo_epochs * self.hparams.num_minibatches
-
-    # ------------------------------------------------------------------ the reference, outside the state dict
-    @property
-    def reference(self) -> nn.Module:
-        return self.__dict__["_frozen_reference"]
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> PPOModule:
-        super()._apply(fn, *args, **kwargs)
-        self.reference._apply(fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True) -> PPOModule:
-        super().train(mode)
-        self.reference.eval()
-        return self
 
     # ------------------------------------------------------------------ rollouts
     def _reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,17 +286,12 @@ class PPOModule(pl.LightningModule):
         return loss.detach()
 
     # ------------------------------------------------------------------ optimizer and sharding
-    def setup(self, stage: str) -> None:
-        if self.reference_fingerprint is None:
-            self.reference_fingerprint = model_fingerprint(self.reference)  # before sharding
-
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]  # policy and value head; never the reference
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = hp.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else 1.0
+            optimizer, lambda step: lr_factor(step, hp.warmup_steps, 1, "constant")
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -346,14 +326,7 @@ class PPOModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("dpo_lightning") or {}
-        saved = meta.get("reference_fingerprint")
-        if saved and self.reference_fingerprint and saved != self.reference_fingerprint:
-            raise ConfigError(
-                "the reference rebuilt for this run differs from the one the checkpoint was trained with (weights "
-                f"fingerprint {self.reference_fingerprint} != {saved}). The reference is not stored in checkpoints: "
-                "resume with the same model.policy/model.reference and, for a policy built from model.policy_config, "
-                "the same seed_everything."
-            )
+        self.check_reference_fingerprint(meta.get("reference_fingerprint"))
         state = meta.get("ppo")
         if not state:
             return
