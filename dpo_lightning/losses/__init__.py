@@ -5,7 +5,7 @@
 - ``pairwise.py``: losses on the log-ratio margin h against a reference (DPO, IPO, cDPO, rDPO, hinge, EXO, f-DPO,
   length-normalised DPO, RPO).
 - ``anchored.py``: losses on each response's log-ratio separately (DPOP, NCA, BCO, APO, SPPO).
-- ``reference_free.py``: losses that never read a reference (SimPO, ORPO, SFT).
+- ``reference_free.py``: losses that never read a reference (SimPO, ORPO, SFT, unlikelihood).
 - ``unpaired.py``: losses on unpaired desirable / undesirable rows (KTO).
 """
 

@@ -1,6 +1,6 @@
-"""Reference-free losses: SimPO, ORPO and the chosen NLL (SFT). They never read the reference log-probs.
+"""Reference-free losses: SimPO, ORPO, the chosen NLL (SFT) and unlikelihood. They never read the reference log-probs.
 
-All three are registered ``reference=False, per_token=True``: ``compute_loss`` passes per-token mean log-probs,
+All four are registered ``reference=False, per_token=True``: ``compute_loss`` passes per-token mean log-probs,
 m_c = log π(y_c|x)/|y_c| and m_r = log π(y_r|x)/|y_r|, and the module builds no reference model. The reference
 arguments keep the common signature and are ignored (they may be ``None``). Rewards are β·m, detached, as TRL
 logs them for SimPO and ORPO.
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dpo_lightning.losses.registry import LossOutput, register
 
 Tensor = torch.Tensor
-__all__ = ["simpo_loss", "orpo_loss", "sft_loss"]
+__all__ = ["simpo_loss", "orpo_loss", "sft_loss", "unlikelihood_loss"]
 
 
 def _rewards(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -127,4 +127,46 @@ def sft_loss(
         (losses, chosen_rewards, rejected_rewards), each (B,); rewards are β·m.
     """
     losses = -policy_chosen_logps  # the chosen NLL per token
+    return losses, *_rewards(policy_chosen_logps, policy_rejected_logps, beta)
+
+
+@register("unlikelihood", reference=False, per_token=True)
+def unlikelihood_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    *,
+    beta: float,
+    unlikelihood_alpha: float = 1.0,
+) -> LossOutput:
+    """Unlikelihood training (Welleck et al. 2019, https://arxiv.org/abs/1908.04319, Eq. 4) as the DPO paper's
+    baseline (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, Sec. 6: maximise the likelihood of y_w,
+    minimise it for y_l, with a coefficient α on the unlikelihood term).
+
+    L = −m_c − α log(1 − e^{m_r}), with m = log π(y|x)/|y| the per-token mean log-prob, so e^m is the
+    geometric-mean token probability (the same per-token probability ORPO's odds use). Why not the sequence
+    probability: π(y_l|x) of a 32-token response is ~e^{−100}, so log(1 − π(y_l|x)) ≈ −π(y_l|x) ≈ 0 and its
+    gradient vanishes; Welleck's unlikelihood is per token, and a per-token mean is what this interface has
+    (per-token log-probs are not passed to losses). Derivatives: ∂L/∂m_c = −1 and
+    ∂L/∂m_r = α e^{m_r}/(1 − e^{m_r}) = α/(e^{−m_r} − 1) > 0, so a step lowers m_r and raises m_c. That second
+    one is small where y_l is already unlikely (0.018α at m_r = −4) and grows as π raises it: the term stops the
+    rejected responses' likelihood from rising with the chosen ones' rather than pushing it far down. L ≥ 0,
+    with infimum 0 at m_c = 0, m_r → −∞. log(1 − e^m) is evaluated without cancellation (log1mexp); m_r is
+    capped at −ε (machine epsilon), so a rejected response of probability 1 gives a large finite loss.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) per-token mean log-probs m_c, m_r (≤ 0).
+        reference_chosen_logps, reference_rejected_logps: ignored.
+        beta: reward scale for logging only.
+        unlikelihood_alpha: α ≥ 0, the weight of the unlikelihood term (the DPO paper's α ∈ [0, 1]; default 1,
+            Welleck et al.'s).
+
+    Returns:
+        (losses, chosen_rewards, rejected_rewards), each (B,); rewards are β·m.
+    """
+    if unlikelihood_alpha < 0:
+        raise ValueError(f"unlikelihood_loss: unlikelihood_alpha must be >= 0, got {unlikelihood_alpha}")
+    m_r = policy_rejected_logps.clamp(max=-torch.finfo(policy_rejected_logps.dtype).eps)
+    losses = -policy_chosen_logps - unlikelihood_alpha * _log1mexp(m_r)  # Eq. 4 of arXiv 1908.04319, on means
     return losses, *_rewards(policy_chosen_logps, policy_rejected_logps, beta)
