@@ -52,7 +52,8 @@ def evaluate_policy(
     batch_size: int = 256,
     seed: int = 0,
     reward_includes_prompt: bool = True,
-) -> dict[str, float]:
+    per_prompt: bool = False,
+) -> dict[str, Any]:
     """Sample from ``policy`` on ``prompts``, score the samples with ``reward_fn`` and against ``reference``.
 
     Args:
@@ -68,10 +69,15 @@ def evaluate_policy(
         seed: seed of the sampling generator.
         reward_includes_prompt: score prompt + continuation (the whole text, as a review is read) or the
             continuation alone.
+        per_prompt: also return the per-prompt arrays a bootstrap over prompts needs (see Returns).
 
     Returns:
         ``reward``, ``reward_std``, ``reward_sem``, ``kl``, ``kl_sem`` (NaN without a reference), ``logp``
         (mean log π of the samples), ``length`` (mean sampled tokens), ``eos_rate`` and ``n`` (samples).
+        With ``per_prompt``, also lists in prompt order, each the mean over that prompt's samples: ``rewards``,
+        ``kls`` (log π − log π_ref of the sample), ``ref_nll`` (−log π_ref per sampled token: the reference's
+        NLL, a fluency measure) and ``lengths``; ``distinct2`` (distinct bigrams / bigrams over all samples) and
+        ``samples`` (the first three continuations, decoded).
     """
     rows = [p for p in prompts for _ in range(samples_per_prompt)]
     generator = torch.Generator().manual_seed(seed)
@@ -103,7 +109,33 @@ def evaluate_policy(
         result["kl"], result["kl_sem"] = _mean_sem((out.logps - ref_logps).double().numpy())
     else:
         result["kl"] = result["kl_sem"] = float("nan")
+    if per_prompt:
+        result.update(_per_prompt(out, rewards, None if reference is None else ref_logps, samples_per_prompt))
+        result["samples"] = [tokenizer.decode(c, skip_special_tokens=True) for c in out.continuations[:3]]
     return result
+
+
+def distinct_n(sequences: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over ``sequences`` (Li et al. 2016); NaN when there are none.
+    A policy that repeats itself (a reward hack) scores low."""
+    grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def _per_prompt(out: Any, rewards: np.ndarray, ref_logps: torch.Tensor | None, k: int) -> dict[str, Any]:
+    """Per-prompt means over each prompt's k consecutive samples (evaluate_policy's ``per_prompt``)."""
+    lengths = np.asarray([len(c) for c in out.continuations], dtype=np.float64)
+
+    def by_prompt(x: np.ndarray) -> list[float]:
+        return [float(v) for v in np.asarray(x, dtype=np.float64).reshape(-1, k).mean(axis=1)]
+
+    arrays: dict[str, Any] = {"rewards": by_prompt(rewards), "lengths": by_prompt(lengths)}
+    if ref_logps is not None:
+        ref = ref_logps.double().numpy()
+        arrays["kls"] = by_prompt(out.logps.double().numpy() - ref)
+        arrays["ref_nll"] = by_prompt(-ref / np.maximum(lengths, 1.0))
+    arrays["distinct2"] = distinct_n(out.continuations, 2)
+    return arrays
 
 
 class RewardKLCallback(pl.Callback):

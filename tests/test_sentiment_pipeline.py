@@ -15,8 +15,11 @@ import torch
 from dpo_lightning.errors import DataError
 from dpo_lightning.evaluate import evaluate_policy, frontier, frontier_reward, plot_frontier
 from dpo_lightning.models import build_causal_lm
-from dpo_lightning.reproduce import sentiment
-from dpo_lightning.reproduce.sentiment import Method, check_claims, clean_review, load_imdb, make_prompts
+from dpo_lightning.reproduce import sentiment, stats
+from dpo_lightning.reproduce.sentiment_claims import Points, check_claims
+from dpo_lightning.reproduce.sentiment_data import clean_review, load_imdb, make_prompts, prompt_slices
+from dpo_lightning.reproduce.sentiment_settings import Method
+from dpo_lightning.reproduce.sentiment_stages import flip_labels
 
 from helpers import IMDB, TINY_GPT2
 
@@ -27,12 +30,33 @@ def test_clean_review():
     assert clean_review("Good.<br /><br />Very  good.<br/>") == "Good. Very good."
 
 
-def test_prompts_are_2_to_8_tokens(tiny_tokenizer):
+def test_prompts_are_whole_words_of_at_least_2_tokens(tiny_tokenizer):
+    """A prompt is the first 2–8 tokens extended to the end of their last word: a prefix of the text followed
+    by a space (or the end), never a cut inside a word."""
     texts = ["The film was great and lovely and fine and charming, a superb brilliant thing indeed."] * 50
     prompts = make_prompts(tiny_tokenizer, texts, np.random.default_rng(0), 2, 8)
     lengths = [len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    assert min(lengths) >= 2 and max(lengths) <= 8 and len(set(lengths)) > 3
-    assert all(texts[0].startswith(p) for p in prompts)
+    assert min(lengths) >= 2 and len(set(lengths)) > 3
+    assert all(texts[0].startswith(p) and texts[0][len(p) : len(p) + 1] in (" ", "") for p in prompts)
+    assert len(set(prompts)) > 3
+
+
+def test_tuning_and_deciding_prompts_are_disjoint_fixed_slices(tiny_tokenizer):
+    texts = [f"review number {i} is about a film" for i in range(40)]
+    tuning, deciding = prompt_slices(tiny_tokenizer, texts, 10, 20, 2, 4)
+    again = prompt_slices(tiny_tokenizer, texts, 10, 20, 2, 4)
+    assert len(tuning) == 10 and len(deciding) == 20 and (tuning, deciding) == again
+    numbers = lambda ps: {p.split()[2] for p in ps if len(p.split()) > 2}  # noqa: E731 - which reviews
+    assert not numbers(tuning) & numbers(deciding)
+    with pytest.raises(DataError, match="40 were loaded"):
+        prompt_slices(tiny_tokenizer, texts, 30, 20, 2, 4)
+
+
+def test_flip_labels_swaps_a_fixed_share():
+    pairs = [{"prompt": str(i), "chosen": "a", "rejected": "b"} for i in range(40)]
+    noisy, n = flip_labels(pairs, 0.25, seed=0)
+    assert n == 10 and sum(p["chosen"] == "b" for p in noisy) == 10 and noisy == flip_labels(pairs, 0.25, 0)[0]
+    assert all(p["chosen"] == "a" for p in pairs)  # the clean pairs are not touched
 
 
 def test_missing_data_without_hub_is_a_clear_error(tmp_path, monkeypatch):
@@ -75,6 +99,20 @@ def test_evaluate_policy_against_itself_has_zero_kl(tiny_tokenizer):
     assert math.isnan(evaluate_policy(model, None, prompts, reward_fn, tiny_tokenizer, max_new_tokens=3)["kl"])
 
 
+def test_evaluate_policy_per_prompt_arrays(tiny_tokenizer):
+    """per_prompt: one entry per prompt (the mean of its samples) whose mean is the overall mean; the NLL is
+    −log π_ref per token, positive; distinct-2 in (0, 1]."""
+    torch.manual_seed(0)
+    model = build_causal_lm(None, TINY_GPT2, tiny_tokenizer)
+    prompts = [[5, 6], [7, 8, 9], [10]]
+    reward_fn = lambda texts: [float(len(t)) for t in texts]  # noqa: E731
+    res = evaluate_policy(model, model, prompts, reward_fn, tiny_tokenizer, max_new_tokens=5, samples_per_prompt=2,
+                          per_prompt=True)  # fmt: skip
+    assert len(res["rewards"]) == len(res["kls"]) == len(res["ref_nll"]) == len(res["lengths"]) == 3
+    assert np.mean(res["rewards"]) == pytest.approx(res["reward"]) and np.mean(res["kls"]) == pytest.approx(res["kl"])
+    assert min(res["ref_nll"]) > 0 and 0 < res["distinct2"] <= 1 and len(res["samples"]) == 3
+
+
 def test_frontier_is_the_concave_non_decreasing_envelope():
     """Points (KL, reward): (0, 0), (1, 2), (2, 1), (3, 2.5), (4, 3), (5, 2).
     (2, 1) is under the chord (1, 2)-(3, 2.5); (3, 2.5) is under the chord (1, 2)-(4, 3) (2.667 at KL 3);
@@ -95,54 +133,113 @@ def test_plot_frontier_writes_png(tmp_path):
     assert path.exists() and path.stat().st_size > 5000
 
 
-def _history(kl_reward_pairs):
-    return [
-        {"step": float(i + 1), "kl": k, "kl_sem": 0.1, "reward": r, "reward_sem": 0.05}
-        for i, (k, r) in enumerate(kl_reward_pairs)
-    ]
+def _history(kl_reward_pairs, prompts=200, noise=0.5, seed=0):
+    """Per-prompt records whose means are the given (KL, reward): N(mean, noise) around them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (k, r) in enumerate(kl_reward_pairs):
+        kls, rewards = k + rng.normal(0, noise, prompts), r + rng.normal(0, noise, prompts)
+        kls, rewards = kls - kls.mean() + k, rewards - rewards.mean() + r
+        out.append({"step": float(i + 1), "kl": k, "reward": r, "kls": kls.tolist(), "rewards": rewards.tolist()})
+    return out
 
 
-def test_claims_pass_and_fail_on_synthetic_histories():
-    """Hand-made histories where the paper's effects hold, then where they do not."""
-    cfg = sentiment.QUICK
-    sft = {"reward": 0.0, "reward_std": 2.0, "reward_sem": 0.05}
-    kls = dict(zip(cfg.betas, [8, 6, 4, 2], strict=True))
-    good = {Method("DPO", "dpo", b): _history([(k / 2, k / 4), (k, k / 2)]) for b, k in kls.items()}
-    good[Method("Preferred-FT", "sft")] = _history([(1.0, 0.1), (4.0, 0.5)])
-    claims = {c.id: c for c in check_claims(cfg, sft, good, quick=False)}
-    assert all(c.passed for c in claims.values()), claims
-    assert claims["sentiment.dpo_beats_sft"].measured == pytest.approx(4.0)  # best DPO reward 8/2; threshold 1
-    assert claims["sentiment.dpo_kl_decreases_with_beta"].measured == [8, 6, 4, 2]
-    bad = {m: _history([(2.0, 0.1)]) for m in good if m.name == "DPO"}  # equal KL, tiny reward gain
-    bad[Method("Preferred-FT", "sft")] = _history([(2.0, 0.5)])
-    claims = check_claims(cfg, sft, bad, quick=True)
-    assert not any(c.passed for c in claims)
-    assert all("Quick mode" in c.tolerance for c in claims)
+def _decide(runs, sft_mean=0.0, quick=False):
+    cfg = dataclasses.replace(sentiment.QUICK, betas=(0.1, 1.0), bon_ns=(4,))
+    sft = {"rewards": (sft_mean + np.random.default_rng(9).normal(0, 2.0, 200)).tolist()}
+    sft["rewards"] = (np.asarray(sft["rewards"]) - np.mean(sft["rewards"]) + sft_mean).tolist()
+    pts = Points([runs], sft, stats.Bootstrap(1, 200, n_boot=300, seed=0))
+    note = " Quick mode" if quick else ""
+    return {c.id: c for c in check_claims(cfg, pts, None, note, {"best-of-N": "not run"})}
+
+
+def test_claims_pass_fail_and_stay_undecided_on_synthetic_histories():
+    """Hand-made per-prompt histories: where the paper's effects hold clearly (PASS), where they are reversed
+    (FAIL), and where a baseline is missing (INCONCLUSIVE, never dropped)."""
+    good = {
+        Method("DPO", "dpo", 0.1): _history([(2.0, 1.5), (4.0, 3.0)]),
+        Method("DPO", "dpo", 1.0): _history([(0.5, 0.8), (1.0, 1.4)], seed=1),
+        Method("IPO", "ipo", 0.1): _history([(1.5, 1.0), (1.6, 1.1)], seed=2),
+        Method("DPO (noisy)", "dpo", 0.1, noisy=True): _history([(2.0, 0.5), (3.0, 0.6)], seed=3),
+        Method("cDPO (noisy)", "cdpo", 0.1, 0.25, noisy=True): _history([(1.5, 1.0), (2.0, 1.5)], seed=4),
+        Method("rDPO (noisy)", "rdpo", 0.1, 0.25, noisy=True): _history([(1.5, 1.0), (2.0, 1.5)], seed=5),
+        Method("Preferred-FT", "sft", kind="sft"): _history([(1.0, 0.1), (3.0, 0.5)], seed=6),
+        Method("Unlikelihood", "unlikelihood", 0.1): _history([(1.0, 0.0), (3.0, 0.2)], seed=7),
+    }
+    claims = _decide(good)
+    want_pass = ["sentiment.dpo_beats_sft", "sentiment.dpo_kl_decreases_with_beta",
+                 "sentiment.dpo_dominates_preferred_ft.pointwise", "sentiment.dpo_dominates_preferred_ft.envelope",
+                 "sentiment.dpo_dominates_unlikelihood.pointwise", "sentiment.dpo_dominates_unlikelihood.envelope",
+                 "sentiment.ipo_kl_bounded", "sentiment.cdpo_beats_dpo_noisy",
+                 "sentiment.rdpo_beats_dpo_noisy"]  # fmt: skip
+    assert {k: claims[k].verdict for k in want_pass} == dict.fromkeys(want_pass, "PASS")
+    assert claims["sentiment.dpo_beats_sft"].measured == pytest.approx(3.0)  # DPO β=0.1 last step − SFT
+    assert claims["sentiment.dpo_kl_decreases_with_beta"].measured == pytest.approx(3.0)  # 4 − 1
+    assert claims["sentiment.dpo_dominates_ppo_gt.pointwise"].verdict == "INCONCLUSIVE"  # PPO-GT not run
+    assert claims["sentiment.best_of_n_kl.N4"].verdict == "INCONCLUSIVE"
+    assert all(c.interval is not None for k, c in claims.items() if k in want_pass)
+
+    # reversed: Preferred-FT above DPO at matched KL, β order reversed, IPO growing faster, cDPO below DPO
+    bad = dict(good)
+    bad[Method("Preferred-FT", "sft", kind="sft")] = _history([(1.0, 2.0), (3.0, 4.0)], seed=6)
+    bad[Method("DPO", "dpo", 1.0)] = _history([(5.0, 0.8), (6.0, 1.4)], seed=1)
+    bad[Method("IPO", "ipo", 0.1)] = _history([(1.0, 1.0), (6.0, 1.1)], seed=2)
+    bad[Method("cDPO (noisy)", "cdpo", 0.1, 0.25, noisy=True)] = _history([(1.5, 0.0), (2.0, -0.5)], seed=4)
+    claims = _decide(bad)
+    for k in (
+        "sentiment.dpo_dominates_preferred_ft.pointwise",
+        "sentiment.dpo_dominates_preferred_ft.envelope",
+        "sentiment.dpo_kl_decreases_with_beta",
+        "sentiment.ipo_kl_bounded",
+        "sentiment.cdpo_beats_dpo_noisy",
+    ):
+        assert claims[k].verdict == "FAIL", (k, claims[k])
+
+    # a gain of 0.02 with noise 0.5 per prompt on 200 prompts (s.e. 0.5 × √(2/200) = 0.05) straddles 0
+    near = dict(good)
+    near[Method("cDPO (noisy)", "cdpo", 0.1, 0.25, noisy=True)] = _history([(1.5, 0.6), (2.0, 0.62)], seed=4)
+    assert _decide(near)["sentiment.cdpo_beats_dpo_noisy"].verdict == "INCONCLUSIVE"
 
 
 def test_toy_pipeline_writes_figures_and_claims(toy_reproduction):
     """The whole of Part 2 at a size far below --quick (conftest's TOY_PART2, inside the session's
-    `reproduce --quick` run): it must run and write everything, not pass claims."""
+    `reproduce --quick` run): it must run and write everything, with a verdict per claim, not pass claims."""
+    from test_reproduce_quick import PART2_CLAIMS
+
     _, out, methods_call = toy_reproduction
     claims = [c for c in json.loads((out / "claims.json").read_text()) if c["id"].startswith("sentiment.")]
-    assert [c["id"] for c in claims] == [
-        "sentiment.reward_classifier_accuracy", "sentiment.dpo_beats_sft",
-        "sentiment.dpo_kl_decreases_with_beta", "sentiment.dpo_frontier_dominates_preferred_ft",
-    ]  # fmt: skip
+    assert [c["id"] for c in claims] == PART2_CLAIMS
     for c in claims:
         assert all(c[k] not in (None, "") for k in ("id", "claim", "source", "expected", "tolerance"))
-        assert isinstance(c["passed"], bool) and c["measured"] is not None
+        assert c["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE") and c["passed"] == (c["verdict"] == "PASS")
     figures = ["sentiment_frontier.png", "sentiment_training.png"]
     assert all((out / f).stat().st_size > 5000 for f in figures)
     readme = (out / "README.md").read_text()
     assert all(f"({f})" in readme for f in figures)
-    assert "| DPO β=0.1 |" in readme and "test accuracy" in readme
+    for section in (
+        "| DPO β=0.1 |",
+        "test accuracy",
+        "### Not reproduced",
+        "### Deviations",
+        "### Samples",
+        "### Decision rules (fixed before the run)",
+        "GFLOP/s",
+        "distinct-2",
+        "tuning slice",
+    ):
+        assert section in readme, section
     work = out / "sentiment"
     rows = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
     assert rows and set(rows[0]) == {"prompt", "chosen", "rejected"}
-    # header, SFT, then 7 runs (DPO, IPO, cDPO at 2 β + Preferred-FT) × 2 evaluations
-    assert len((work / "frontier.csv").read_text().splitlines()) == 1 + 1 + 7 * 2
-    assert len(methods_call["runs"]) == 7
+    noisy = [json.loads(line) for line in (work / "pairs_noisy.jsonl").read_text().splitlines()]
+    assert sum(a != b for a, b in zip(rows, noisy, strict=True)) == round(0.25 * len(rows))
+    runs = methods_call["runs"]
+    names = {m.name for m in runs}
+    assert {"DPO", "IPO", "DPO (noisy)", "cDPO (noisy)", "rDPO (noisy)", "Preferred-FT"} <= names
+    evaluated = sum(h["step"] > 0 for hs in runs.values() for h in hs)
+    assert len((work / "frontier.csv").read_text().splitlines()) == 1 + 1 + evaluated
+    last = [max(hs, key=lambda h: h["step"]) for hs in runs.values()]
+    assert all(len(h["rewards"]) == len(h["kls"]) == len(methods_call["args"][2]) for h in last)
     assert (work / "sft" / "config.json").exists() and (work / "reward.npz").exists()
 
 

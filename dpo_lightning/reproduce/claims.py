@@ -1,4 +1,9 @@
-"""A claim checked by a reproduction run: what a paper says, what the run measured, and whether they agree."""
+"""A claim checked by a reproduction run: what a paper says, what the run measured, and whether they agree.
+
+Verdicts: ``PASS``, ``FAIL`` or ``INCONCLUSIVE``. Part 1's exact closed-form checks set ``passed`` and get PASS
+or FAIL from it; Part 2's statistical claims set ``verdict`` from a 95% bootstrap ``interval`` against a
+``threshold`` decided before the run (``reproduce/stats.py``), and ``passed`` is ``verdict == "PASS"``.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
+
 
 @dataclass
 class Claim:
-    """One row of ``claims.json``. ``passed`` is computed by the run from ``measured`` and ``tolerance``."""
+    """One row of ``claims.json``: give ``passed`` (an exact check) or ``verdict`` (a statistical one)."""
 
     id: str  # stable key, e.g. "bandit.dpo_optimum.beta0.1"
     claim: str  # the statement, in words
@@ -18,7 +25,19 @@ class Claim:
     expected: Any  # the paper's value (number, list, or a description for qualitative claims)
     measured: Any  # what this run measured
     tolerance: Any  # how close counts as agreement (number, or a description)
-    passed: bool
+    passed: bool | None = None  # kept for old readers: verdict == "PASS"
+    verdict: str | None = None  # PASS / FAIL / INCONCLUSIVE; from ``passed`` when not given
+    interval: list[float] | None = None  # the 95% bootstrap interval of ``measured``, when there is one
+    threshold: Any = None  # what the interval must clear, decided before the run
+
+    def __post_init__(self) -> None:
+        if self.verdict is None:
+            if self.passed is None:
+                raise ValueError(f"claim {self.id}: give passed or verdict")
+            self.verdict = "PASS" if self.passed else "FAIL"
+        elif self.verdict not in VERDICTS:
+            raise ValueError(f"claim {self.id}: verdict {self.verdict!r} is not one of {VERDICTS}")
+        self.passed = self.verdict == "PASS"
 
 
 def write_claims(claims: list[Claim], path: str | Path) -> Path:
@@ -74,21 +93,25 @@ def _cell(x: Any, nd: int = 4) -> str:
 
 
 def format_claims_table(claims: list[Claim]) -> str:
-    """The claims as a Markdown table, PASS/FAIL first; max |Δ| where both sides are numeric."""
+    """The claims as a Markdown table, the verdict first; the 95% interval, or max |Δ| where both sides of an
+    exact check are numeric."""
     lines = [
-        "| result | id | claim | source | expected | measured | max \\|Δ\\| | tolerance |",
+        "| result | id | claim | source | expected | measured | 95% interval / max \\|Δ\\| | tolerance |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in claims:
         dev = deviation(c.measured, c.expected)
+        spread = "—" if dev is None else f"{dev:.2g}"
+        if c.interval is not None:
+            spread = f"[{_cell(c.interval[0], 3)}, {_cell(c.interval[1], 3)}]"
         cells = [
-            "**PASS**" if c.passed else "**FAIL**",
+            f"**{c.verdict}**",
             f"`{c.id}`",
             _cell(c.claim),
             _cell(c.source),
             _cell(c.expected),
             _cell(c.measured),
-            "—" if dev is None else f"{dev:.2g}",
+            spread,
             _cell(c.tolerance),
         ]
         lines.append("| " + " | ".join(cells) + " |")
