@@ -15,6 +15,7 @@ are the step's largest tensor.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -82,9 +83,20 @@ def sequence_logps(
     raise ValueError(f"logp_aggregation must be 'sum' or 'mean', got {aggregation!r}")
 
 
+def score_triples(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The padded batch's scored tokens as (source, target, sequence) triples, each (N,): position t of row b
+    (flat index b·T + t) predicts labels[b, t + 1] of sequence b, for every label that is not ``IGNORE_INDEX``;
+    in row-major order, so the selected hidden states are those ``hidden[:, :-1][mask]`` selects, in its order."""
+    width = labels.shape[1]
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    rows, columns = scored.nonzero(as_tuple=True)
+    return rows * width + columns, targets[scored], rows
+
+
 @contextlib.contextmanager
-def output_layer_on(model: nn.Module, positions: torch.Tensor) -> Iterator[None]:
-    """Within the block, the model's output layer sees ``hidden[:, :-1][positions]`` (N, H), not (B, T, H).
+def output_layer_on(model: nn.Module, source: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model's output layer sees ``hidden.flatten(0, 1)[source]`` (N, H), not (R, L, H).
 
     A forward pre-hook does the selection inside the model's own forward, so it works for any Hugging Face causal
     LM whose logits are ``get_output_embeddings()(hidden)`` followed by element-wise steps, and under FSDP2 (the
@@ -93,7 +105,7 @@ def output_layer_on(model: nn.Module, positions: torch.Tensor) -> Iterator[None]
     head = model.get_output_embeddings()
 
     def select(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (args[0][:, :-1][positions], *args[1:])  # position t predicts token t+1
+        return (args[0].flatten(0, 1)[source], *args[1:])
 
     handle = head.register_forward_pre_hook(select)
     try:
@@ -128,9 +140,9 @@ def chunked_token_logps(
 
 @contextlib.contextmanager
 def chunked_output_layer(
-    model: nn.Module, positions: torch.Tensor, targets: torch.Tensor, chunk_size: int
+    model: nn.Module, source: torch.Tensor, targets: torch.Tensor, chunk_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, the model's output layer scores ``hidden[:, :-1][positions]`` in chunks.
+    """Within the block, the model's output layer scores ``hidden.flatten(0, 1)[source]`` in chunks.
 
     Its forward is swapped for one that puts the per-position log-probs (N,) of ``targets`` (N,) in the yielded
     dict (``"per_token"``) and returns the logits of the first position only (``"probe"``, (1, V)), so the model's
@@ -143,7 +155,7 @@ def chunked_output_layer(
     found: dict[str, torch.Tensor] = {}
 
     def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows = hidden[:, :-1][positions]  # position t predicts token t+1
+        rows = hidden.flatten(0, 1)[source]
         found["per_token"] = chunked_token_logps(lambda x: project(x, *args, **kwargs), rows, targets, chunk_size)
         with torch.no_grad():
             found["probe"] = project(rows[:1], *args, **kwargs)
@@ -157,6 +169,66 @@ def chunked_output_layer(
             del head.forward
         else:
             head.forward = own
+
+
+def sum_by_sequence(
+    per_token: torch.Tensor, sequence: torch.Tensor, sequences: int, aggregation: Aggregation = "sum"
+) -> torch.Tensor:
+    """(sequences,) sums (or means) of per-token log-probs (N,) by their sequence ids (N,)."""
+    totals = per_token.new_zeros(sequences).index_add(0, sequence, per_token)
+    if aggregation == "mean":
+        totals = totals / torch.bincount(sequence, minlength=sequences).clamp(min=1)
+    return totals
+
+
+def gathered_logps(
+    logits: torch.Tensor,
+    triples: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    sequences: int,
+    aggregation: Aggregation = "sum",
+) -> torch.Tensor:
+    """Sequence log-probs (sequences,) from full logits (R, L, V), read at the triples' source positions."""
+    source, target, sequence = triples
+    per_token = token_logps(logits.flatten(0, 1)[source].unsqueeze(0), target.unsqueeze(0)).squeeze(0)
+    return sum_by_sequence(per_token, sequence, sequences, aggregation)
+
+
+def triple_logps(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    triples: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    sequences: int,
+    aggregation: Aggregation = "sum",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Sequence log-probs (sequences,) of the scored tokens ``triples`` = (source, target, sequence), the output
+    layer run only at the ``source`` positions (flat indices into the model's (R, L) positions), at once or
+    ``chunk_size`` at a time (:func:`chunked_output_layer`). ``inputs`` are the model's keyword inputs. A model
+    whose forward bypassed its output layer's input (full (R, L, V) logits came back) is scored on those."""
+    if aggregation not in ("sum", "mean"):
+        raise ValueError(f"logp_aggregation must be 'sum' or 'mean', got {aggregation!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"model.logp_chunk_size must be a positive integer or null, got {chunk_size!r}")
+    source, target, sequence = triples
+    found: dict[str, torch.Tensor] = {}
+    if chunk_size is None:
+        with output_layer_on(model, source):
+            logits = model(**inputs).logits  # (N, V)
+    else:
+        with chunked_output_layer(model, source, target, chunk_size) as found:
+            logits = model(**inputs).logits  # (1, V): the probe
+    if logits.dim() == 3:
+        return gathered_logps(logits, triples, sequences, aggregation)
+    if chunk_size is None:
+        per_token = token_logps(logits.unsqueeze(0), target.unsqueeze(0)).squeeze(0)  # (N,)
+    elif torch.equal(logits.detach().float(), found["probe"].float()):
+        per_token = found["per_token"]
+    else:
+        raise ConfigError(
+            f"model.logp_chunk_size: {type(model).__name__}'s forward changes the logits after its output layer "
+            "(e.g. softcapping or scaling), which the chunked head would skip; set model.logp_chunk_size: null"
+        )
+    return sum_by_sequence(per_token, sequence, sequences, aggregation)
 
 
 def response_logps(
@@ -177,31 +249,87 @@ def response_logps(
         chunk_size: ``None`` projects all response positions at once; a number projects them that many at a time
             (:func:`chunked_output_layer`), the same log-probs with one chunk's logits in memory.
     """
-    if aggregation not in ("sum", "mean"):
-        raise ValueError(f"logp_aggregation must be 'sum' or 'mean', got {aggregation!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ConfigError(f"model.logp_chunk_size must be a positive integer or null, got {chunk_size!r}")
-    targets = labels[:, 1:]  # (B, T-1)
-    positions = targets != IGNORE_INDEX
-    found: dict[str, torch.Tensor] = {}
-    if chunk_size is None:
-        with output_layer_on(model, positions):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, V)
-    else:
-        with chunked_output_layer(model, positions, targets[positions], chunk_size) as found:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (1, V): the probe
-    if logits.dim() == 3:  # the model did not pass its hidden states through the output layer: full logits came back
-        return sequence_logps(logits, labels, aggregation)[0]
-    if chunk_size is None:
-        per_token = token_logps(logits.unsqueeze(0), targets[positions].unsqueeze(0)).squeeze(0)  # (N,)
-    elif torch.equal(logits.detach().float(), found["probe"].float()):
-        per_token = found["per_token"]
-    else:
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return triple_logps(model, inputs, score_triples(labels), labels.shape[0], aggregation, chunk_size)
+
+
+# --------------------------------------------------------------------------- laid-out batches (data/packing.py)
+LAYOUT_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take a 4D mask or a BlockMask
+
+
+def attention_kernel(model: nn.Module) -> str:
+    """The model's attention implementation, when it can run a packed / prompt-shared batch: its forward takes
+    ``position_ids`` and its kernel a 4D mask (transformers passes a 4D mask or a BlockMask through as it is);
+    else a ConfigError naming the keys."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA (peft) wrapper
+    kernel = str(getattr(base.config, "_attn_implementation", None) or "eager")
+    if kernel not in LAYOUT_ATTENTION:
         raise ConfigError(
-            f"model.logp_chunk_size: {type(model).__name__}'s forward changes the logits after its output layer "
-            "(e.g. softcapping or scaling), which the chunked head would skip; set model.logp_chunk_size: null"
+            f"data.packing / data.share_prompt need an attention that takes a block mask ({', '.join(LAYOUT_ATTENTION)}"
+            f"); the model runs {kernel!r}: set model.attn_implementation: sdpa, or turn both data keys off"
         )
-    totals = per_token.new_zeros(targets.shape[0]).index_add(0, positions.nonzero()[:, 0], per_token)
-    if aggregation == "mean":
-        totals = totals / positions.sum(-1).clamp(min=1)
-    return totals
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        raise ConfigError(
+            f"data.packing / data.share_prompt: {type(base).__name__}.forward takes no position_ids, so positions "
+            "cannot restart per sequence; turn both data keys off for this model"
+        )
+    return kernel
+
+
+def layout_allowed(group_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """(R, 1, L, L) bool, True where query q may attend key k: same group, k ≤ q, and the key is a prompt (or
+    plain) token or on the query's own branch (data/packing.py)."""
+    width = group_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=group_ids.device).tril()
+    same = group_ids[:, :, None] == group_ids[:, None, :]
+    key, query = branch_ids[:, None, :], branch_ids[:, :, None]
+    return (same & causal & ((key == 0) | (key == query)))[:, None]
+
+
+def layout_block_mask(group_ids: torch.Tensor, branch_ids: torch.Tensor) -> Any:
+    """:func:`layout_allowed` as a FlexAttention BlockMask (for ``attn_implementation: flex_attention``)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def allowed(b: Any, h: Any, q: Any, k: Any) -> Any:
+        key = branch_ids[b, k]
+        return (group_ids[b, q] == group_ids[b, k]) & (k <= q) & ((key == 0) | (key == branch_ids[b, q]))
+
+    rows, width = group_ids.shape
+    return create_block_mask(allowed, rows, None, width, width, device=group_ids.device)
+
+
+def layout_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's keyword inputs for a laid-out batch: ids, explicit position ids, and the mask its kernel takes:
+    bool (True = attend) for sdpa, additive (0 / dtype min) for eager, a BlockMask for flex_attention."""
+    kernel = attention_kernel(model)
+    group_ids, branch_ids = batch["group_ids"], batch["branch_ids"]
+    if kernel == "flex_attention":
+        mask = layout_block_mask(group_ids, branch_ids)
+    else:
+        mask = layout_allowed(group_ids, branch_ids)
+        if kernel == "eager":
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": mask}
+
+
+def batch_logps(
+    model: nn.Module, batch: dict[str, torch.Tensor], response_only: bool = True, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Sequence log-prob sums (2B,) of a collated batch, padded (``labels``) or laid out (``score_source``)."""
+    if "score_source" not in batch:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if response_only:
+            return response_logps(model, ids, mask, labels, "sum", chunk_size)
+        return sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels, "sum")[0]  # (2B, T, V)
+    inputs = layout_inputs(model, batch)
+    triples = (batch["score_source"], batch["score_target"], batch["score_sequence"])
+    sequences = batch["response_lengths"].shape[0]
+    if response_only:
+        return triple_logps(model, inputs, triples, sequences, "sum", chunk_size)
+    return gathered_logps(model(**inputs).logits, triples, sequences)
+
+
+def batch_response_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2B,) response tokens per sequence of a padded or laid-out batch."""
+    return batch["response_lengths"] if "score_source" in batch else response_lengths(batch["labels"])

@@ -26,10 +26,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from dpo_lightning import reference as ref_store
+from dpo_lightning.data.packing import is_laid_out, real_tokens
 from dpo_lightning.errors import ConfigError
 from dpo_lightning.eval_means import EvalMeans
 from dpo_lightning.guards import NonFiniteGuard
-from dpo_lightning.logps import Aggregation, response_lengths, response_logps, sequence_logps
+from dpo_lightning.logps import Aggregation, batch_logps, batch_response_lengths
 from dpo_lightning.models import Attention, DType, build_models
 from dpo_lightning.objective import Objective, loss_settings
 from dpo_lightning.online import online_sampler
@@ -237,14 +238,11 @@ class PreferenceModule(FrozenReference, pl.LightningModule):  # the reference's 
 
     # ------------------------------------------------------------------ the step
     def concatenated_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sequence log-prob sums (2B,) of the chosen-then-rejected rows, in one forward pass (``compute_loss``
-        turns them into per-token means where a loss or ``logp_aggregation: mean`` asks)."""
-        if self.hparams.get("score_response_only", True):  # the output layer only where a response token is next
-            chunk = self.hparams.get("logp_chunk_size")
-            return response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], "sum", chunk)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
-        logps, _ = sequence_logps(logits, batch["labels"], "sum")
-        return logps
+        """Sequence log-prob sums (2B,) of the chosen-then-rejected sequences, in one forward pass, of a padded or
+        a packed / prompt-shared batch (``data/packing.py``; ``logps.batch_logps`` dispatches on its keys).
+        ``compute_loss`` turns them into per-token means where a loss or ``logp_aggregation: mean`` asks."""
+        chunk = self.hparams.get("logp_chunk_size")
+        return batch_logps(model, batch, self.hparams.get("score_response_only", True), chunk)
 
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over processes (identity on one), for the objective's batch statistics."""
@@ -258,7 +256,9 @@ class PreferenceModule(FrozenReference, pl.LightningModule):  # the reference's 
         """Loss (scalar, with grad) and per-example metric values (each (B,), or (values, weights), no grad)."""
         policy_logps = self.concatenated_logps(self.policy, batch)
         ref_logps = self.reference_logps(batch, split)
-        lengths = response_lengths(batch["labels"])
+        if ref_logps.shape != policy_logps.shape:  # reference-free zeros sized by a laid-out batch's rows
+            ref_logps = torch.zeros_like(policy_logps)
+        lengths = batch_response_lengths(batch)
         return self.objective(
             (policy_logps, ref_logps),
             lengths,
@@ -269,10 +269,12 @@ class PreferenceModule(FrozenReference, pl.LightningModule):  # the reference's 
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.online is not None:  # online DPO: this step's pairs are sampled from the policy (online.py)
+            if is_laid_out(batch):
+                raise ConfigError("model.online samples its own padded pairs: set data.packing/share_prompt false")
             batch = self.online.pair_batch(self, batch)
         loss, values = self.model_step(batch)
         n = batch["index"].shape[0]
-        means = self._global_means(values, n, batch["attention_mask"].sum())
+        means = self._global_means(values, n, real_tokens(batch))
         self.log("train/loss", means.pop("loss"), batch_size=n, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in means.items()}, batch_size=n)
         if "rewards/accuracies" in means:

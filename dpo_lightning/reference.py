@@ -13,6 +13,8 @@ the tokenizer, the tokenized split (the token ids of every row, so data files, m
 noise are all in it), the max lengths and truncation mode, the log-prob aggregation and the precision. A run
 that changes only the loss, β, the learning rate or the seed finds the same key and skips the pass. On load a
 few random rows are scored again and compared with the store; a mismatch recomputes it.
+The batch layout (``data.packing``, ``data.share_prompt``) is not in the key: the per-sequence values agree
+with the padded path's within fp32 rounding (tests/test_packing.py), so one table serves every layout.
 """
 
 from __future__ import annotations
@@ -231,7 +233,6 @@ def prepare_splits(
     """The reference log-probs of ``splits`` of the module's data module (``PreferenceDataModule``), keyed by
     the fingerprint of everything they depend on. A table in ``known`` (the ones in memory, by split) is reused
     only when its key is this data's (validating another data module gets its own table). Collective."""
-    from dpo_lightning.data.tokenize import PairCollator
     from dpo_lightning.errors import ConfigError
 
     dm = module.trainer.datamodule
@@ -252,7 +253,7 @@ def prepare_splits(
         "precision": str(module.trainer.precision),
     }
     directory = cache_dir(module.hparams.reference_cache_dir)
-    collate = PairCollator(dm.tokenizer.pad_token_id)
+    collate = dm.collator()  # padded, packed or prompt-shared: the values do not depend on the layout (packing.py)
     tables = {}
     for split in splits:
         dataset = dm.datasets[split]

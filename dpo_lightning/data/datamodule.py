@@ -6,7 +6,8 @@
 Data flows one way: records (``sources``: files, folders, hub) -> (prompt, chosen, rejected) strings
 (``formats``/``chat``) -> token ids with truncation and per-pair statistics (``tokenize``, cached by
 ``datasets``) -> audit thresholds checked at setup (``audit``) -> length-grouped, rank-sharded, resumable
-batches (``sampler``) -> padded concatenated batches (``PairCollator``).
+batches (``sampler``, ``loaders``) -> padded concatenated batches (``PairCollator``), or with ``data.packing`` /
+``data.share_prompt`` packed / prompt-shared ones (``packing``).
 
 Unpaired data (KTO): ``data.format: unpaired`` rows ``{prompt, completion, label}``, or any paired format with
 ``data.unpair: true`` (each pair -> a desirable and an undesirable row), are tokenized into rows
@@ -49,16 +50,16 @@ from typing import Any, Literal
 import datasets
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
 
 from dpo_lightning.data import audit, chat, formats, tokenize
 from dpo_lightning.data.cache import cached_bpe_tokenizer, tokenizer_fingerprint
 from dpo_lightning.data.chat import PLAIN_TURN, ChatRenderer
 from dpo_lightning.data.formats import UNPAIRED, FormatName, apply_columns, detect_format, make_parser
-from dpo_lightning.data.sampler import PreferenceSampler, ResumableDataLoader
+from dpo_lightning.data.loaders import PairLoaders
+from dpo_lightning.data.packing import LayoutCollator, UnpaddedRows, check_layout
+from dpo_lightning.data.sampler import ResumableDataLoader
 from dpo_lightning.data.sources import Source
 from dpo_lightning.data.splits import check_same_kind, flip_pair_labels, flip_unpaired_labels, hold_out, is_unpaired
 from dpo_lightning.data.tokenize import (
@@ -79,7 +80,7 @@ UNPAIRED_LOADER_COLUMNS = ["prompt_input_ids", "completion_input_ids", "label", 
 CODE_VERSION = Hasher.hash([inspect.getsource(m) for m in (formats, chat, tokenize)])
 
 
-class PreferenceDataModule(TrainOrderState, pl.LightningDataModule):
+class PreferenceDataModule(PairLoaders, TrainOrderState, pl.LightningDataModule):  # loaders: loaders.py
     def __init__(
         self,
         train_files: str | list[str] | dict[str, Any],
@@ -110,6 +111,8 @@ class PreferenceDataModule(TrainOrderState, pl.LightningDataModule):
         max_bad_row_rate: float | None = None,
         max_truncation_rate: float | None = None,
         max_identical_rate: float | None = None,
+        packing: bool = False,
+        share_prompt: bool = False,
     ):
         """Preference pairs from files, folders or a hub dataset, tokenized, audited and batched for DPO.
 
@@ -160,6 +163,9 @@ class PreferenceDataModule(TrainOrderState, pl.LightningDataModule):
             max_truncation_rate: fail at setup when more than this fraction of chosen or of rejected responses
                 is truncated.
             max_identical_rate: fail at setup when more than this fraction of pairs is identical after truncation.
+            packing: bin-pack a batch's sequences into rows without padding, attention kept within each sequence
+                (``packing.py``; unpaired rows too).
+            share_prompt: lay out each pair as [prompt | chosen | rejected], the prompt computed once (pairs only).
         """
         super().__init__()
         if max_prompt_length >= max_length:
@@ -205,6 +211,7 @@ class PreferenceDataModule(TrainOrderState, pl.LightningDataModule):
         self.drop_identical = drop_identical
         self.group_by_length = group_by_length
         self.mega_batch = mega_batch
+        self.packing, self.share_prompt = bool(packing), bool(share_prompt)
         self.thresholds = {
             "max_bad_row_rate": max_bad_row_rate,
             "max_truncation_rate": max_truncation_rate,
@@ -273,15 +280,19 @@ class PreferenceDataModule(TrainOrderState, pl.LightningDataModule):
         """The dataset columns the collator reads."""
         return UNPAIRED_LOADER_COLUMNS if self.unpaired else LOADER_COLUMNS
 
-    def collator(self) -> PairCollator | UnpairedCollator:
+    def collator(self) -> PairCollator | UnpairedCollator | LayoutCollator:
         """The collate function of this data: ``UnpairedCollator`` for unpaired rows (mismatched rows cut at
-        ``max_length`` as rows are), else ``PairCollator``."""
+        ``max_length`` as rows are), else ``PairCollator``; with ``packing``/``share_prompt`` a ``LayoutCollator``."""
+        tok = self.tokenizer
+        check_layout(self.packing, self.share_prompt, self.unpaired)
         if self.unpaired:
-            tok = self.tokenizer
-            return UnpairedCollator(
+            rows = UnpairedCollator(
                 tok.pad_token_id, self.max_length, self.max_prompt_length, self.truncation_mode, tok.bos_token_id
             )
-        return PairCollator(self.tokenizer.pad_token_id)
+            return LayoutCollator(tok.pad_token_id, True, False, UnpaddedRows(rows)) if self.packing else rows
+        if self.packing or self.share_prompt:
+            return LayoutCollator(tok.pad_token_id, self.packing, self.share_prompt)
+        return PairCollator(tok.pad_token_id)
 
     def _tokenize_fingerprint(self, raw: datasets.Dataset, fmt: str) -> str:
         """Everything the tokenized pairs depend on: data, tokenizer, settings, and this package's code."""
@@ -386,76 +397,6 @@ class PreferenceDataModule(TrainOrderState, pl.LightningDataModule):
             logger = trainer.loggers[0]
             if folder := getattr(logger, "log_dir", None) or logger.save_dir:
                 audit.write_report(self.report, folder, self.stats.get("train"))
-
-    # ---------------------------------------------------------------- loaders
-    def pair_lengths(self, split: str = "train") -> np.ndarray:
-        """Per pair, the longest sequence it puts in a batch: prompt + the longer response (tokens). Per unpaired
-        row: prompt + completion (its matched row; its mismatched row depends on the batch)."""
-        dataset = self.datasets[split]
-        if "completion_len" in dataset.column_names:
-            cols = dataset.with_format("numpy", columns=["prompt_len", "completion_len"])[:]
-            return cols["prompt_len"] + cols["completion_len"]
-        cols = dataset.with_format("numpy", columns=["prompt_len", "chosen_len", "rejected_len"])[:]
-        return cols["prompt_len"] + np.maximum(cols["chosen_len"], cols["rejected_len"])
-
-    def data_parallel(self) -> tuple[int, int]:
-        """(world size, rank) of data parallelism: the Trainer's (DDP, FSDP, ModelParallel), else 1 process."""
-        trainer = self.trainer
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if kwargs:
-            return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
-
-    def accumulation(self) -> int:
-        """Batches per optimizer step: the attached Trainer's ``accumulate_grad_batches``, else 1. Length grouping
-        groups whole optimizer steps, so ``batch_size`` B with accumulation k trains on the same steps as kB with 1
-        (read when the training loader is built: a ``GradientAccumulationScheduler`` changing it later is not seen)."""
-        return int(getattr(self.trainer, "accumulate_grad_batches", None) or 1)
-
-    def train_sampler(
-        self, group_by_length: bool | None = None, num_replicas: int = 1, rank: int = 0, accumulate: int = 1
-    ):
-        return PreferenceSampler(
-            self.pair_lengths("train").tolist(),
-            batch_size=self.batch_size,
-            num_replicas=num_replicas,
-            rank=rank,
-            seed=self.seed,
-            group_by_length=self.group_by_length if group_by_length is None else group_by_length,
-            mega_batch=self.mega_batch,
-            accumulate=accumulate,
-        )
-
-    def train_dataloader(self) -> ResumableDataLoader:
-        num_replicas, rank = self.data_parallel()
-        loader = ResumableDataLoader(
-            self.datasets["train"].select_columns(self.loader_columns).with_format(None),
-            sampler=self.train_sampler(num_replicas=num_replicas, rank=rank, accumulate=self.accumulation()),
-            collate_fn=self.collator(),
-            num_workers=self.num_workers,
-        )
-        return self.resume_order(loader)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.datasets[split].select_columns(self.loader_columns).with_format(None),
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            collate_fn=self.collator(),
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader | list:
-        """The validation loader; none (an empty list, so Lightning runs no validation loop) when the split is empty
-        (``val_fraction: 0`` without ``val_files``)."""
-        if self.datasets and len(self.datasets["val"]) == 0:
-            return []
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
 
     # ---------------------------------------------------------------- checkpointed state
     def state_dict(self) -> dict[str, Any]:
