@@ -69,12 +69,41 @@ def bon_kl_estimate(best_rewards: torch.Tensor, base_rewards: torch.Tensor, n: i
     log N + (N − 1) log F̂(r), with F̂ the mid-rank empirical CDF of the base rewards, (#{< r} + ½#{= r} + ½)/(M + 1)
     (never 0). F̂ adds a bias of order 1/M; the standard error is that of the mean over the P draws.
     """
+    terms = bon_kl_terms(best_rewards, base_rewards, n)
+    se = float(terms.std() / math.sqrt(len(terms))) if len(terms) > 1 else math.inf
+    return float(terms.mean()), se
+
+
+def bon_kl_terms(best_rewards: torch.Tensor, base_rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """The terms (P,) float64 that :func:`bon_kl_estimate` averages: log N + (N − 1) log F̂(r), F̂ the mid-rank
+    empirical CDF of each row of ``base_rewards`` (P, M), (#{< r} + ½#{= r} + ½)/(M + 1)."""
     below = (base_rewards < best_rewards[:, None]).double().sum(1)
     equal = (base_rewards == best_rewards[:, None]).double().sum(1)
     cdf = (below + 0.5 * equal + 0.5) / (base_rewards.shape[1] + 1)
-    terms = math.log(n) + (n - 1) * torch.log(cdf)
-    se = float(terms.std() / math.sqrt(len(terms))) if len(terms) > 1 else math.inf
-    return float(terms.mean()), se
+    return math.log(n) + (n - 1) * torch.log(cdf)
+
+
+def bon_kl_estimate_mean(n: int, m: int) -> float:
+    """E[term of :func:`bon_kl_estimate`] for a continuous reward: the estimator's exact mean with M = ``m``.
+
+    F(R) of the kept response is the maximum U of N uniforms (density N u^{N−1}); the count of base rewards
+    below it is B | U ~ Binomial(M, U), so P(B = b) = C(M, b) N B(N + b, M − b + 1) (B the beta function), and
+
+        E[term] = log N + (N − 1) Σ_b P(B = b) log((b + ½)/(M + 1)).
+
+    It depends on N and M alone (no reward is read), so ``bon_kl_estimate_mean(n, m) − bon_kl(n)`` is the
+    estimator's finite-M bias, known before any sample is drawn: −15% of log N − (N − 1)/N at N = M = 64,
+    −3.6% at N = 4, M = 64 (it vanishes as M → ∞). Subtracting it leaves an estimate whose mean is the formula
+    exactly for a continuous reward; ties (a discrete reward, repeated responses) still move it, downwards.
+    """
+    if n < 1 or m < 0:
+        raise ValueError(f"n must be >= 1 and m >= 0, got n={n}, m={m}")
+    total = 0.0
+    for b in range(m + 1):
+        log_p = (math.lgamma(m + 1) - math.lgamma(b + 1) - math.lgamma(m - b + 1) + math.log(n)
+                 + math.lgamma(n + b) + math.lgamma(m - b + 1) - math.lgamma(n + m + 1))  # fmt: skip
+        total += math.exp(log_p) * math.log((b + 0.5) / (m + 1))
+    return math.log(n) + (n - 1) * total
 
 
 @dataclass
