@@ -23,11 +23,11 @@ The raw terms are kept (``kl_terms_raw``). Per prompt, ``rewards`` is the mean o
 What claim (f) then tests is not the formula's algebra (the estimator uses the same density) but that the
 draws are i.i.d. from π_ref, the best is the one kept, and the reward is continuous enough on these samples.
 
-Cost: P × K continuations of ``max_new_tokens`` tokens from the SFT model (measured at FULL size, 4 × 128 GPT-2,
-vocabulary 4,096, 32 tokens, one thread, on a loaded 2-core AVX2 box: ≈ 11 ms each, so 96 prompts × 128 draws ≈
-2.3 min). In the simulation of a continuous reward (uniform draws, 200 repetitions) the 95% half-width of the
-prompt bootstrap relative to the formula is, with K = 128: 5% / 5% / 9% at N = 4 / 16 / 64 for P = 96, and 4% /
-4% / 7.5% for P = 128; the band of claim (f) is ±15%.
+Cost: P × K continuations of ``max_new_tokens`` tokens from the SFT model; measured at FULL size (4 × 128 GPT-2,
+vocabulary 4,096, 32 tokens, one thread, nice'd on a loaded 2-core AVX2 box): 11.1 ms CPU per draw (16 prompts ×
+128 draws in 22.8 s CPU), so 64 / 96 / 128 prompts ≈ 91 / 136 / 182 s CPU. In a simulation of a continuous reward
+(uniform draws, 200 repetitions) the 95% half-width of the prompt bootstrap relative to the formula is, with
+K = 128: 5% / 5% / 9% at N = 4 / 16 / 64 for P = 96, and 4% / 4% / 7.5% for P = 128; claim (f)'s band is ±15%.
 """
 
 from __future__ import annotations
