@@ -286,16 +286,22 @@ def layout_allowed(group_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.T
     return (same & causal & ((key == 0) | (key == query)))[:, None]
 
 
-def layout_block_mask(group_ids: torch.Tensor, branch_ids: torch.Tensor) -> Any:
-    """:func:`layout_allowed` as a FlexAttention BlockMask (for ``attn_implementation: flex_attention``)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def layout_mask_mod(group_ids: torch.Tensor, branch_ids: torch.Tensor) -> Callable[..., Any]:
+    """:func:`layout_allowed`'s rule as a FlexAttention ``mask_mod(b, h, q, k)``."""
 
     def allowed(b: Any, h: Any, q: Any, k: Any) -> Any:
         key = branch_ids[b, k]
         return (group_ids[b, q] == group_ids[b, k]) & (k <= q) & ((key == 0) | (key == branch_ids[b, q]))
 
+    return allowed
+
+
+def layout_block_mask(group_ids: torch.Tensor, branch_ids: torch.Tensor) -> Any:
+    """:func:`layout_allowed` as a FlexAttention BlockMask (for ``attn_implementation: flex_attention``)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
     rows, width = group_ids.shape
-    return create_block_mask(allowed, rows, None, width, width, device=group_ids.device)
+    return create_block_mask(layout_mask_mod(group_ids, branch_ids), rows, None, width, width, device=group_ids.device)
 
 
 def layout_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -304,6 +310,11 @@ def layout_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str,
     kernel = attention_kernel(model)
     group_ids, branch_ids = batch["group_ids"], batch["branch_ids"]
     if kernel == "flex_attention":
+        if group_ids.device.type == "cpu" and torch.is_grad_enabled():
+            raise ConfigError(
+                "model.attn_implementation: flex_attention has no backward on CPU (torch "
+                f"{torch.__version__}); with data.packing / data.share_prompt on CPU use sdpa"
+            )
         mask = layout_block_mask(group_ids, branch_ids)
     else:
         mask = layout_allowed(group_ids, branch_ids)

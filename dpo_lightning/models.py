@@ -24,7 +24,7 @@ from dpo_lightning.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DType = Literal["float32", "bfloat16", "float16", "auto"]
-Attention = Literal["sdpa", "eager", "flash_attention_2"]
+Attention = Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]
 # config numbers and module attributes that hold a dropout probability: attention_dropout (Llama, Qwen2,
 # Mistral, Gemma, GPT-NeoX), hidden_dropout (GPT-NeoX), attn_pdrop/resid_pdrop/embd_pdrop (GPT-2), ...
 DROPOUT_NAME = re.compile(r"dropout|pdrop", re.IGNORECASE)
@@ -40,9 +40,10 @@ def check_attention(attn_implementation: str) -> None:
                 "model.attn_implementation: flash_attention_2 needs the flash-attn package and a CUDA GPU, and "
                 "it is not available here; use sdpa (the default) or eager"
             )
-    elif attn_implementation not in ("sdpa", "eager"):
+    elif attn_implementation not in ("sdpa", "eager", "flex_attention"):  # flex: for data.packing on a GPU
         raise ConfigError(
-            f"model.attn_implementation must be sdpa, eager or flash_attention_2, got {attn_implementation!r}"
+            "model.attn_implementation must be sdpa, eager, flash_attention_2 or flex_attention, "
+            f"got {attn_implementation!r}"
         )
 
 

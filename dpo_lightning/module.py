@@ -149,7 +149,7 @@ class PreferenceModule(FrozenReference, pl.LightningModule):  # the reference's 
                 best_worst, max_new_tokens: 32, temperature: 1.0}`` samples every step's pairs from the policy and
                 ranks them with the reward (the data supplies the prompts); null trains on the data's pairs.
             torch_dtype: dtype of the loaded weights (``auto``: as saved); ``bfloat16`` with ``precision: bf16-true``.
-            attn_implementation: ``sdpa`` (default), ``eager``, or ``flash_attention_2`` (needs flash-attn and a GPU).
+            attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2`` (GPU), ``flex_attention``.
             trust_remote_code: let a model directory run its own Python code (off: only transformers' models).
             peft_config: LoRA (``dpo_lightning.lora``): peft ``LoraConfig`` keys, e.g. ``{r: 8, lora_alpha: 16,
                 target_modules: [q_proj, v_proj]}``; the reference is the policy with its adapters off, and

@@ -73,10 +73,15 @@ def hh_datamodule(hh_subset, family_tokenizers):
 @pytest.fixture(scope="module")
 def features(hh_datamodule):
     """8 HH pairs of mixed lengths (the 3 longest and the 5 shortest of the split), so packing does pack."""
-    rows = hh_datamodule.datasets["train"].select_columns(hh_datamodule.loader_columns).with_format(None)
-    lengths = hh_datamodule.pair_lengths("train")
+    return mixed_lengths(hh_datamodule, 8)
+
+
+def mixed_lengths(dm, n: int, longest: int = 3) -> list[dict]:
+    """``n`` training rows of ``dm``: its ``longest`` longest and the ``n - longest`` shortest, so packing packs."""
+    rows = dm.datasets["train"].select_columns(dm.loader_columns).with_format(None)
+    lengths = dm.pair_lengths("train")
     order = sorted(range(len(rows)), key=lambda i: -int(lengths[i]))
-    return [rows[i] for i in order[:3] + order[-5:]]
+    return [rows[i] for i in order[:longest] + order[longest - n :]]
 
 
 def logps_and_grads(model, batch, response_only=True, chunk=None):
@@ -143,6 +148,42 @@ def test_eager_attention_takes_the_additive_mask(features, hh_datamodule):
         close(batch_logps(model, LayoutCollator(tokenizer.pad_token_id, True, True)(features)), want)
 
 
+def test_flex_attention_gets_the_same_mask(features, hh_datamodule):
+    """``attn_implementation: flex_attention`` gets a BlockMask whose ``mask_mod`` is the same rule: evaluated at
+    every (row, query, key) it is the sdpa bool mask. (Running flex here would compile it with inductor, ~30 s on
+    this box, and it has no backward on CPU in this torch: a packed training forward with it on CPU is a
+    ConfigError naming the key, raised before any compile.)"""
+    from torch.nn.attention.flex_attention import create_mask
+
+    tokenizer = hh_datamodule.tokenizer
+    batch = LayoutCollator(tokenizer.pad_token_id, True, True)(features)
+    group_ids, branch_ids = batch["group_ids"], batch["branch_ids"]
+    rows, width = group_ids.shape
+    dense = create_mask(logps_module.layout_mask_mod(group_ids, branch_ids), rows, 1, width, width, device="cpu")
+    assert torch.equal(dense, logps_module.layout_allowed(group_ids, branch_ids))
+    with pytest.raises(ConfigError, match="flex_attention has no backward on CPU"):
+        batch_logps(tiny_model("llama", tokenizer, attn="flex_attention"), batch)
+
+
+def test_module_step_on_a_laid_out_batch(features, hh_datamodule):
+    """PreferenceModule dispatches on the batch, not on flags: a reference-free loss (SimPO: no reference is
+    built, its log-probs are zeros of the 2B sequences, not of the rows) gives the padded batch's loss; online DPO,
+    which samples its own padded pairs from the data's prompts, refuses a laid-out batch naming the keys."""
+    from dpo_lightning.module import PreferenceModule
+
+    tokenizer = hh_datamodule.tokenizer
+    torch.manual_seed(0)
+    module = PreferenceModule(policy_config=FAMILIES["gpt2"], loss="simpo", tokenizer=tokenizer)
+    assert module.reference is None
+    batch = LayoutCollator(tokenizer.pad_token_id, True, True)(features)
+    with torch.no_grad():
+        want = module.model_step(PairCollator(tokenizer.pad_token_id)(features))[0]
+        close(module.model_step(batch)[0], want)
+    module.online = object()  # as model.online sets it
+    with pytest.raises(ConfigError, match="model.online.*data.packing"):
+        module.training_step(batch, 0)
+
+
 def test_a_planted_leak_breaks_the_equality(features, hh_datamodule, monkeypatch):
     """A mask that lets the rejected tokens see the chosen ones (branches ignored) is what packed DPO elsewhere
     shipped with: the equality check must fail on it, by far more than the tolerance (units, not 1e-5), on the
@@ -167,9 +208,9 @@ def test_unpaired_rows_pack(hh_subset, hh_datamodule):
     tokenizer = hh_datamodule.tokenizer
     dm = make_datamodule(hh_subset, tokenizer, setup=True, format="hh", unpair=True, max_length=96,
                          max_prompt_length=64, packing=True)  # fmt: skip
-    rows = dm.datasets["train"].select_columns(dm.loader_columns).with_format(None)
-    features = [rows[i] for i in range(6)]
+    features = mixed_lengths(dm, 6)
     packed = dm.collator()(features)
+    assert packed["input_ids"].shape[0] < 12  # matched and mismatched rows share rows
     dm.packing = False
     padded = dm.collator()(features)
     model = tiny_model("gpt2", tokenizer)
@@ -230,14 +271,13 @@ def layout_logps(features, hh_datamodule, hh_subset):
             p.mul_(0.9)
     unpaired = make_datamodule(hh_subset, tokenizer, setup=True, format="hh", unpair=True, max_length=96,
                                max_prompt_length=64, packing=True)  # fmt: skip
-    rows = unpaired.datasets["train"].select_columns(unpaired.loader_columns).with_format(None)
     packed_rows = unpaired.collator()
     unpaired.packing = False
     pad = tokenizer.pad_token_id
     collators = {False: (PairCollator(pad), LayoutCollator(pad, True, True)), True: (unpaired.collator(), packed_rows)}
     out = {}
     for kind, pair in collators.items():
-        feats = [rows[i] for i in range(8)] if kind else features
+        feats = mixed_lengths(unpaired, 8) if kind else features
         out[kind] = []
         for collate in pair:
             batch = collate(feats)
