@@ -1,13 +1,17 @@
 """``python -m dpo_lightning.bench``: measure, then write reports/bench/{results.json,README.md,*.png}.
 
-    python -m dpo_lightning.bench                      # the full run (~15 min on 2 idle cores): `make bench`
+    python -m dpo_lightning.bench                      # the full run (~20 min on 2 idle cores): `make bench`
     python -m dpo_lightning.bench --quick --out /tmp/b # toy sizes, in one process: checks the harness only
-    python -m dpo_lightning.bench --sections trl,sweep --rounds 5
+    python -m dpo_lightning.bench --sections side_by_side --rounds 3
 
-Sections: ``trl`` (ours vs TRL's DPOTrainer on HH, alternating, and our HH-path levers), ``profile`` (where the
-time goes, both sides), ``levers`` (step-level levers in the bare step loop), ``sweep`` (GPT-2 shapes x sequence
-lengths, the step-time fit), ``processes`` (1 vs 2 processes: DDP, FSDP2), ``pipeline`` (tokenization pairs/s),
-``gpu`` (what a GPU session runs), ``lora`` (LoRA r=8 vs full fine-tuning, GPT-2 d512 L8; bench/lora.py).
+Sections: ``trl`` (ours vs TRL's DPOTrainer on HH, alternating, and our HH-path levers; vs_trl.py),
+``side_by_side`` (our padded / packed / share_prompt layouts vs TRL, reference every step and precomputed, with
+MFU and the issue-12 targets; side_by_side.py), ``profile`` (where the time goes, both sides; profile.py),
+``levers`` (step-level levers in the bare step loop), ``sweep`` (GPT-2 shapes x sequence lengths, the step-time
+fit), ``processes`` (1 vs 2 processes: DDP, FSDP2), ``pipeline`` (tokenization pairs/s; those four in
+sections.py), ``gpu`` (what a GPU session runs; gpu.py), ``lora`` (LoRA r=8 vs full fine-tuning; lora.py).
+Outside the suite: ``python -m dpo_lightning.bench.chunked_head`` (the log-prob head's memory) and
+``python -m dpo_lightning.bench.ppo_vs_dpo`` (a PPO step against a DPO step).
 """
 
 from __future__ import annotations
@@ -27,9 +31,14 @@ from typing import Any
 from dpo_lightning.bench import sections as run
 from dpo_lightning.bench import suite
 from dpo_lightning.bench.assets import prepare
+from dpo_lightning.bench.gpu import section_gpu
 from dpo_lightning.bench.lora import section_lora
+from dpo_lightning.bench.profile import section_profile
+from dpo_lightning.bench.report import write_report
+from dpo_lightning.bench.side_by_side import section_side
+from dpo_lightning.bench.vs_trl import section_trl
 
-SECTIONS = ("trl", "profile", "levers", "sweep", "processes", "pipeline", "gpu", "lora")
+SECTIONS = ("trl", "side_by_side", "profile", "levers", "sweep", "processes", "pipeline", "gpu", "lora")
 
 
 def machine() -> dict[str, Any]:
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/bench", help="where results.json, README.md and plots go")
     parser.add_argument("--work", help="scratch folder (tokenizer, weights, pairs, caches); default OUT/.work")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--rounds", type=int, help="ours/TRL alternations (default 3; quick 1)")
+    parser.add_argument("--rounds", type=int, help="alternations of trl and side_by_side (default 1 and 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process, both sides")
     parser.add_argument("--render", action="store_true", help="only rewrite README.md and plots from results.json")
     args = parser.parse_args(argv)
@@ -82,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     if args.render:
-        from dpo_lightning.bench.report import write_report
-
         write_report(out, json.loads((out / "results.json").read_text()))
         return 0
     work = Path(args.work) if args.work else out / ".work"
@@ -108,14 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     results["assets"] = vars(assets)
     ctx = suite.Context(out=out, work=work, s=s, assets=assets, log=log)
     runners = {
-        "trl": lambda: run.section_trl(ctx),
-        "profile": lambda: run.section_profile(ctx),
-        "levers": lambda: run.section_levers(ctx),
-        "sweep": lambda: run.section_sweep(ctx),
-        "processes": lambda: run.section_processes(ctx),
-        "pipeline": lambda: run.section_pipeline(ctx),
-        "gpu": run.section_gpu,
-        "lora": lambda: section_lora(ctx),
+        "trl": section_trl,
+        "side_by_side": section_side,
+        "profile": section_profile,
+        "levers": run.section_levers,
+        "sweep": run.section_sweep,
+        "processes": run.section_processes,
+        "pipeline": run.section_pipeline,
+        "gpu": lambda _: section_gpu(),
+        "lora": section_lora,
     }
     for name in SECTIONS:
         if name not in sections:
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"section {name}")
         section_start = time.perf_counter()
         try:
-            results[name] = runners[name]()
+            results[name] = runners[name](ctx)
         except Exception as err:  # noqa: BLE001 - a failed section is reported, the others still run
             results[name] = {
                 "status": "error",
@@ -137,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_at_end"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - start
     _write(out, results)
-    from dpo_lightning.bench.report import write_report
-
     write_report(out, results)
     log(f"wrote {out / 'results.json'} and {out / 'README.md'}")
     return 0

@@ -7,17 +7,20 @@ byte-identical weights and see the same token ids in the same order.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpo_lightning.bench.step import SHAPES
+from dpo_lightning.bench.step import shape_config
 
 ROOT = Path(__file__).resolve().parents[2]
-HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
-IMDB_FILE = ROOT.parent / "shared" / "data" / "imdb" / "train.jsonl.gz"
+SHARED = ROOT.parent / "shared" / "data"
+HH_FILE = SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+IMDB_FILE = SHARED / "imdb" / "train.jsonl.gz"
+GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"  # GPT-2's 50,257-token BPE
 
 
 @dataclass
@@ -50,7 +53,7 @@ def prepare(
 ) -> Assets:
     """Train the BPE tokenizer, save the random-init policy, tokenize the pairs; reuse them when already there."""
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir, model_dir, pairs_file = work / "tokenizer", work / f"model-{shape}", work / "pairs.json"
+    tokenizer_dir, pairs_file = work / "tokenizer", work / "pairs.json"
     meta = {"data_file": str(data_file), "vocab": vocab, "max_length": max_length, "max_rows": max_rows}
     meta_file = work / "assets.json"
     fresh = not meta_file.exists() or json.loads(meta_file.read_text()) != meta
@@ -72,15 +75,17 @@ def prepare(
         ]
         pairs_file.write_text(json.dumps(rows))
     n_pairs = len(json.loads(pairs_file.read_text()))
-    if fresh or not model_dir.exists():
-        save_random_policy(model_dir, shape, tokenizer_dir, n_positions=max_length)
+    if fresh and tokenizer_dir.exists():  # a new tokenizer: the saved policies were sized to the old one
+        for old in work.glob("model-*-p*"):
+            shutil.rmtree(old)
+    model_dir = policy_dir(work, shape, tokenizer_dir, n_positions=max_length)
     meta_file.write_text(json.dumps(meta))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return Assets(
         str(tokenizer_dir),
-        str(model_dir),
+        model_dir,
         str(pairs_file),
         n_pairs,
         len(tokenizer),
@@ -89,22 +94,30 @@ def prepare(
     )
 
 
-def save_random_policy(model_dir: Path, shape: str, tokenizer_dir: Path, *, n_positions: int) -> None:
-    """A GPT-2 of ``shape`` with seeded random init, sized to the tokenizer, saved with ``save_pretrained``."""
+def saved_tokenizer(work: Path, source: str | Path) -> str:
+    """A tokenizer directory (or hub name) loaded as the package loads it (a pad token added where missing) and
+    saved under ``work``, so that both sides read the same files."""
+    from dpo_lightning.tokenizer import load_tokenizer
+
+    out = work / f"tokenizer-{Path(source).name}"
+    if not out.exists():
+        load_tokenizer(str(source)).save_pretrained(out)
+    return str(out)
+
+
+def policy_dir(work: Path, shape: str, tokenizer_dir: str | Path, *, n_positions: int) -> str:
+    """A GPT-2 of ``shape`` with seeded random init, sized to the tokenizer, saved with ``save_pretrained`` (once
+    per shape, vocabulary and length: the folder name holds them)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    settings = dict(SHAPES[shape])
-    model_type = settings.pop("model_type")
-    config = AutoConfig.for_model(
-        model_type,
-        **settings,
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    model_dir = work / f"model-{shape}-v{len(tokenizer)}-p{n_positions}"
+    if model_dir.exists():
+        return str(model_dir)
+    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    settings = shape_config(shape, n_positions, vocab_size=len(tokenizer), **ids)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)  # TRL looks for a processing class next to the weights
+    return str(model_dir)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from dpo_lightning.bench.step import peak_rss_mb, reset_peak_rss, rss_mb
+from dpo_lightning.bench.probes import peak_rss_mb, reset_peak_rss, rss_mb
 from dpo_lightning.logps import chunked_token_logps, token_logps
 
 

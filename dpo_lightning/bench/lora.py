@@ -18,13 +18,14 @@ import io
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpo_lightning.bench.step import build_module, peak_rss_mb, real_tokens, rss_mb, synthetic_batch
+from dpo_lightning.bench.probes import peak_rss_mb, rss_mb
+from dpo_lightning.bench.report_format import fmt
+from dpo_lightning.bench.step import build_module, run_steps, synthetic_batch
 from dpo_lightning.bench.suite import Context, alternate, ok, ratio_per_round, summary
 
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["c_attn", "c_proj", "c_fc"]}
@@ -41,31 +42,18 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     reference_params = sum(p.numel() for p in module.reference.parameters())  # 0 for LoRA: adapters off
     batch = synthetic_batch(spec["pairs"], spec["seq_len"], spec["vocab"], fill=1.0)
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    module.train()
-    times, tokens, losses = [], [], []
-    for i in range(spec["warmup"] + spec["steps"]):
-        start = time.perf_counter()
-        loss, _ = module.model_step(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
-            tokens.append(real_tokens(batch))
-        losses.append(float(loss.detach()))
+    result = run_steps(module, [batch], steps=spec["steps"], warmup=spec["warmup"], optimizer=optimizer)
     buffer = io.BytesIO()  # the parts of a Lightning checkpoint that grow with the model
     torch.save({"state_dict": module.state_dict(), "optimizer_states": [optimizer.state_dict()]}, buffer)
+    result.pop("step_s")
     return {
-        "tokens_per_s": sum(tokens) / sum(times),
-        "step_s_median": statistics.median(times),
-        "tokens_per_step": statistics.mean(tokens),
+        **result,
         "peak_rss_mb": peak_rss_mb(),
         "rss_at_start_mb": rss_start,
         "trainable_params": sum(p.numel() for p in trainable),
         "policy_params": sum(p.numel() for p in params),
         "reference_params": reference_params,
         "checkpoint_mb": buffer.tell() / 2**20,
-        "losses": losses[:3],
         "threads": torch.get_num_threads(),
     }
 
@@ -115,22 +103,18 @@ def render_lora(section: dict[str, Any]) -> list[str]:
         f = section["facts"].get(name, {})
         lines.append(
             f"| {name} | {f.get('trainable_params', '')} | {f.get('policy_params', '')} | "
-            f"{f.get('reference_params', '')} | {_num(f.get('checkpoint_mb'))} | {_num(x['peak_rss_mb'], 0)} | "
-            f"{_num(x['tokens_per_s'], 0)} |"
+            f"{f.get('reference_params', '')} | {fmt(f.get('checkpoint_mb'))} | {fmt(x['peak_rss_mb'], 0)} | "
+            f"{fmt(x['tokens_per_s'], 0)} |"
         )
     r = section["ratios"]
     lines += [
         "",
-        f"LoRA / full: tokens/s × {_num(r['tokens_per_s_lora_over_full'])}, peak RSS × "
-        f"{_num(r['peak_rss_mb_lora_over_full'])}, checkpoint × {_num(r['checkpoint_mb_lora_over_full'], 4)}, "
-        f"trainable parameters × {_num(r['trainable_params_lora_over_full'], 4)}.",
+        f"LoRA / full: tokens/s × {fmt(r['tokens_per_s_lora_over_full'])}, peak RSS × "
+        f"{fmt(r['peak_rss_mb_lora_over_full'])}, checkpoint × {fmt(r['checkpoint_mb_lora_over_full'], 4)}, "
+        f"trainable parameters × {fmt(r['trainable_params_lora_over_full'], 4)}.",
         "",
     ]
     return lines
-
-
-def _num(x: Any, digits: int = 2) -> str:
-    return "" if x is None else f"{x:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> int:

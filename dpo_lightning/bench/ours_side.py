@@ -4,10 +4,13 @@
     python -m dpo_lightning.bench.ours_side SPEC.json OUT.json
 
 The spec names the data module's and the module's arguments (``data``, ``module``), the trainer's process
-count and strategy, and two bench-only switches: ``head`` (``response_only``, as shipped, or ``full``, every
-position through the output layer; :mod:`dpo_lightning.bench.patches`) and ``logps`` (:func:`step.logps_variant`). Under
-DDP/FSDP, Lightning relaunches this same command for the other ranks; each rank writes ``OUT.json.rank<r>``
-(rank 0 writes ``OUT.json``).
+count and strategy, and two bench-only switches (:mod:`dpo_lightning.bench.patches`): ``head``
+(``response_only``, as shipped, or ``full``, every position through the output layer; the default here, for the
+trl section's historical comparison) and ``logps``. A data argument this checkout lacks (``packing``, say) is
+reported as not measured. Besides tokens/s and peak RSS it reports the processed and scored tokens per step and
+the policy's parameter split (:mod:`dpo_lightning.bench.flops`), and the bytes of parameters this rank holds
+(local shards under FSDP). Under DDP/FSDP, Lightning relaunches this same command for the other ranks; each
+rank writes ``OUT.json.rank<r>`` (rank 0 writes ``OUT.json``).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.bench.patches import patched_head
-from dpo_lightning.bench.step import ProfileStep, StepTimer, logps_variant, peak_rss_mb, rss_mb, throughput
+from dpo_lightning.bench.flops import parameter_split
+from dpo_lightning.bench.patches import logps_variant, patched_head
+from dpo_lightning.bench.probes import ProfileStep, StepTimer, peak_rss_mb, rss_mb, throughput
 
 HH_DATA = {"format": "hh", "on_bad_row": "skip"}
 
@@ -83,7 +87,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
             if spec.get("devices", 1) == 1:
                 torch.set_num_threads(spec["threads"])
             trainer.fit(module, datamodule=dm)
-    result = throughput(timer.ends, timer.tokens, spec["warmup"])
+    result = throughput(timer.ends, timer.counts, spec["warmup"])
     result.update(
         side="ours",
         losses=[float(x) for x in timer.losses[:3]],
@@ -91,10 +95,22 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         peak_rss_mb=peak_rss_mb(),
         threads=torch.get_num_threads(),
         rank=trainer.global_rank,
+        params=parameter_split(module.policy),
+        param_mb=param_mb(module.policy, module.reference),
     )
     if spec.get("profile"):
         result["profile"] = callbacks[-1].table
     return result
+
+
+def param_mb(*models: Any) -> float:
+    """MiB of the parameters this rank holds (a DTensor counts its local shard); a missing model counts 0."""
+    total = 0
+    for model in models:
+        for p in model.parameters() if model is not None else ():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * local.element_size()
+    return total / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:

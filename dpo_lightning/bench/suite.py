@@ -30,84 +30,63 @@ WORKER_ENV.update({"WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "HF_DATASETS_D
 
 @dataclass
 class Settings:
-    """Sizes of one bench run; :func:`settings` gives the full and the quick ones."""
+    """Sizes of one bench run: the full one by default; :func:`settings` gives it or the quick one."""
 
-    quick: bool
-    rounds: int  # alternations of the ours/TRL comparison
-    lever_rounds: int  # alternations of the step-loop levers
-    extra_rounds: int  # alternations of the single-lever HH runs, the process counts and torch.compile
-    threads: int
-    shape: str  # model of the comparison and the levers
-    batch_size: int
-    max_length: int
-    max_prompt_length: int
-    max_rows: int | None  # HH rows read (train + val): what the precompute pass scores
-    vocab: int
-    warmup: int
-    steps: int
+    quick: bool = False
+    rounds: int = 1  # alternations of the trl section's ours/TRL runs (the side section is the headline now)
+    lever_rounds: int = 1  # alternations of the step-loop levers
+    extra_rounds: int = 1  # alternations of the single-lever HH runs, the process counts and torch.compile
+    threads: int = 2
+    shape: str = "L2-d128"  # model of the trl section and the levers
+    batch_size: int = 8
+    max_length: int = 512
+    max_prompt_length: int = 256
+    max_rows: int | None = 240  # HH rows read (train + val): what the precompute pass scores
+    vocab: int = 8192
+    warmup: int = 2
+    steps: int = 5
     lr: float = 5e-4
     beta: float = 0.1
-    sweep_shapes: list[str] = field(default_factory=list)
-    sweep_lengths: list[int] = field(default_factory=list)
-    sweep_pairs: int = 4
-    scaling_pairs: list[int] = field(default_factory=list)  # extra batch sizes for the first sweep shape
+    sweep_shapes: list[str] = field(default_factory=lambda: ["L2-d128", "L4-d128"])
+    sweep_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    sweep_pairs: int = 2
+    scaling_pairs: list[int] = field(default_factory=lambda: [1, 4])  # extra batch sizes for the first shape
     sweep_steps: int = 2
     lever_steps: int = 3  # timed steps of a step-loop lever run (fixed shapes: steadier than HH batches)
     compile: bool = True
     processes: bool = True
-    single_levers: bool = True  # HH runs with one lever on at a time (quick: only the response-only head)
+    single_levers: bool = False  # HH runs with one lever on at a time (off: only the response-only head)
     profile_ops: bool = True  # torch.profiler runs of both sides (quick: only the phase split)
     pipeline_rows: int | None = None
+    # the side-by-side section (bench/side_by_side.py): the issue's shape, then the peak-RSS shape
+    side_shape: str = "L4-d128"
+    side_layouts: list[str] = field(default_factory=lambda: ["padded", "packed", "share_prompt", "both"])
+    side_rounds: int = 2
+    side_warmup: int = 1
+    side_steps: int = 3
+    side_max_rows: int = 64  # ≥ (warmup + steps) batches of train pairs after the 5% validation split
+    rss_shape: str = "L8-d512"  # at GPT-2's 50,257-token vocabulary (../shared/data/tokenizers/gpt2)
+    rss_pairs: int = 4  # at 50k vocab and d512 a step of 8 pairs takes minutes on 2 cores; 4 still dominate
+    rss_steps: int = 2  # the second step's peak holds AdamW's moments too
+    rss_max_rows: int = 24
+
+
+QUICK = dict(
+    quick=True, shape="L2-d64", batch_size=2, max_length=64, max_prompt_length=32, max_rows=48, vocab=512,
+    warmup=1, steps=1, sweep_shapes=["L2-d64"], sweep_lengths=[32, 64], scaling_pairs=[1], sweep_steps=1,
+    lever_steps=1, compile=False, processes=False, profile_ops=False, pipeline_rows=48,
+    side_shape="L2-d64", side_layouts=["padded", "both"], side_rounds=1, side_steps=1, side_max_rows=48,
+    rss_shape="L2-d64", rss_pairs=2, rss_steps=1, rss_max_rows=8,
+)  # fmt: skip
 
 
 def settings(quick: bool, rounds: int | None = None, threads: int = 2) -> Settings:
-    if quick:
-        return Settings(
-            quick=True,
-            rounds=rounds or 1,
-            lever_rounds=1,
-            extra_rounds=1,
-            threads=threads,
-            shape="L2-d64",
-            batch_size=2,
-            max_length=64,
-            max_prompt_length=32,
-            max_rows=48,
-            vocab=512,
-            warmup=1,
-            steps=1,
-            sweep_shapes=["L2-d64"],
-            sweep_lengths=[32, 64],
-            sweep_pairs=2,
-            scaling_pairs=[1],
-            sweep_steps=1,
-            lever_steps=1,
-            compile=False,
-            processes=False,
-            single_levers=False,
-            profile_ops=False,
-            pipeline_rows=48,
-        )
-    return Settings(
-        quick=False,
-        rounds=rounds or 3,
-        lever_rounds=2,
-        extra_rounds=1,
-        threads=threads,
-        shape="L2-d128",
-        batch_size=8,
-        max_length=512,
-        max_prompt_length=256,
-        max_rows=240,
-        vocab=8192,
-        warmup=2,
-        steps=5,
-        sweep_shapes=["L2-d128", "L2-d256", "L4-d128", "L4-d256"],
-        sweep_lengths=[256, 512, 1024],
-        sweep_pairs=2,
-        scaling_pairs=[1, 4],
-        pipeline_rows=None,
-    )
+    """The full sizes, or the quick ones (toy sizes: a harness check); ``rounds`` overrides both sections'."""
+    s = Settings(**QUICK) if quick else Settings()
+    s.threads = threads
+    if rounds:
+        s.rounds = s.side_rounds = rounds
+    return s
 
 
 @dataclass
@@ -170,6 +149,7 @@ def merge_ranks(ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "losses": ranks[0].get("losses"),
         "threads": ranks[0].get("threads"),
         "processes": len(ranks),
+        "param_mb_per_process": [r.get("param_mb") for r in ranks],  # FSDP: each rank's shards
     }
 
 
@@ -211,6 +191,19 @@ def ratio_per_round(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) 
     """a/b of ``key`` for each round where both ran."""
     by_round = {r["round"]: r for r in ok(b)}
     return [x[key] / by_round[x["round"]][key] for x in ok(a) if x["round"] in by_round]
+
+
+def ratios(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """a/b of tokens/s and of peak RSS: the median of the per-round ratios (the medians' ratio when a and b ran
+    in different rounds), and the per-round values."""
+    out: dict[str, Any] = {}
+    for key, name in (("tokens_per_s", "tokens_per_s_ratio"), ("peak_rss_mb", "peak_rss_ratio")):
+        per_round = ratio_per_round(a, b, key)
+        if not per_round and median_of(a, key) and median_of(b, key):
+            per_round = [median_of(a, key) / median_of(b, key)]
+        out[name] = statistics.median(per_round) if per_round else None
+        out[f"per_round_{name}"] = per_round
+    return out
 
 
 def summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

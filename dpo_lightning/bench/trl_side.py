@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.bench.step import peak_rss_mb, real_tokens, rss_mb, throughput, top_ops
+from dpo_lightning.bench.probes import peak_rss_mb, real_tokens, rss_mb, throughput, top_ops
 
 
 def trl_version() -> str | None:

@@ -1,9 +1,9 @@
 """Tokens/s of a PPO step against a DPO step on the same tiny GPT-2, on CPU, rollout generation included.
 
-    python benchmarks/ppo_vs_dpo.py [--threads 1] [--steps 48]
+    python -m dpo_lightning.bench.ppo_vs_dpo [--threads 1] [--steps 48]
 
-Both are real ``Trainer.fit`` runs on IMDb text (``../shared/data``) with a 2-layer d64 GPT-2 built from a config and
-a 2,048-token BPE trained on 1,000 reviews:
+Both are real ``Trainer.fit`` runs on IMDb text (``bench.assets.IMDB_FILE``) with a 2-layer d64 GPT-2 built from a
+config and a 2,048-token BPE trained on 1,000 reviews:
 
 - DPO (``PreferenceModule``): 8 pairs per step, an 8-token prompt and two 32-token responses cut from reviews
   (16 sequences of ~40 tokens: policy forward + backward, reference forward). Rate: real tokens per second.
@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-IMDB = ROOT.parent / "shared" / "data" / "imdb" / "train.jsonl.gz"
+from dpo_lightning.bench.assets import IMDB_FILE
+
 POLICY = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}
 NEW_TOKENS, WARMUP_STEPS, WARMUP_CYCLES = 32, 5, 2
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_lightning.tokenizer import train_bpe_tokenizer
 
     torch.set_num_threads(args.threads)
-    with gzip.open(IMDB, "rt") as f:
+    with gzip.open(IMDB_FILE, "rt") as f:
         texts = [
             " ".join(json.loads(line)["text"].replace("<br />", " ").split()) for line in itertools.islice(f, 1000)
         ]
