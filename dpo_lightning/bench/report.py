@@ -191,7 +191,7 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
         ]
         header = ["configuration", "tokens/s (all processes)", "peak RSS MiB (sum)", "parameter MiB per process"]
         lines += table(header + ["runs", "note"], rows)
-        rows = [[k, g["tokens_per_s_ratio"], g["peak_rss_ratio"]] for k, g in pr["ratios"].items()]
+        rows = [[k, g.get("tokens_per_s_ratio"), g.get("peak_rss_ratio")] for k, g in pr["ratios"].items()]
         lines += table(["vs 1 process × 2 threads", "tokens/s", "peak RSS (sum)"], rows)
 
     # ------------------------------------------------------------------ 5. pipeline
