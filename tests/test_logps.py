@@ -259,3 +259,21 @@ def test_preference_module_passes_logp_chunk_size_to_the_head(assets, tiny_token
         PreferenceModule(
             policy=str(assets / "policy"), tokenizer=dm.tokenizer, score_response_only=False, logp_chunk_size=5
         )
+
+
+def test_score_triples_of_a_padded_batch():
+    """The padded batch as (source, target, sequence) triples: labels (T = 5)
+      row 0: [X, X, 2, 3, X]  -> position 1 predicts 2, position 2 predicts 3: sources 0·5 + 1 = 1, 2
+      row 1: [X, 1, 0, 0, 0]  -> positions 0..3 predict 1, 0, 0, 0: sources 5 + 0..3 = 5, 6, 7, 8
+    in row-major order (the order ``hidden[:, :-1][mask]`` selected before triples), sequence = the row; summed
+    by sequence they give sequence_logps's sums (the hand-built batch of the first test)."""
+    from dpo_lightning.logps import gathered_logps, score_triples
+
+    labels = torch.tensor([[X, X, 2, 3, X], [X, 1, 0, 0, 0]])
+    source, target, sequence = score_triples(labels)
+    assert source.tolist() == [1, 2, 5, 6, 7, 8]
+    assert target.tolist() == [2, 3, 1, 0, 0, 0]
+    assert sequence.tolist() == [0, 0, 1, 1, 1, 1]
+    logits = _logits_favouring([[0, 2, 0, 0, 0], [1, 0, 0, 0, 0]])
+    want, _ = sequence_logps(logits, labels, "sum")
+    assert torch.allclose(gathered_logps(logits, (source, target, sequence), 2), want, atol=1e-6)
