@@ -179,7 +179,7 @@ def test_claims_pass_fail_and_stay_undecided_on_synthetic_histories():
     assert claims["sentiment.best_of_n_kl.N4"].verdict == "INCONCLUSIVE"
     assert all(c.interval is not None for k, c in claims.items() if k in want_pass)
 
-    # reversed: Preferred-FT above DPO at matched KL, β order reversed, IPO growing faster, cDPO below DPO
+    # reversed: Preferred-FT above DPO at matched KL, β order reversed, IPO ending further out, cDPO below DPO
     bad = dict(good)
     bad[Method("Preferred-FT", "sft", kind="sft")] = _history([(1.0, 2.0), (3.0, 4.0)], seed=6)
     bad[Method("DPO", "dpo", 1.0)] = _history([(5.0, 0.8), (6.0, 1.4)], seed=1)
@@ -245,7 +245,7 @@ def test_toy_pipeline_writes_figures_and_claims(toy_reproduction):
 
 def test_toy_pipeline_with_two_workers_matches_one(tmp_path, monkeypatch, toy_reproduction):
     """sentiment.py's promise: each method run is seeded and single-threaded, so its numbers do not depend on
-    which process runs it. All of Part 2 at toy size again, its 7 method runs in 2 spawned worker processes as
+    which process runs it. All of Part 2 at toy size again, its method runs in 2 spawned worker processes as
     `make reproduce` runs them (each worker pays for importing torch and Lightning): the same frontier.csv (every
     evaluated reward and KL), byte for byte, as the session's 1-worker run."""
 

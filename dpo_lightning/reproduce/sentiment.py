@@ -21,11 +21,21 @@ Rafailov et al. 2023, §6.1 and Appendix C.1, scaled down so that every stage ru
 Files: ``sentiment_settings`` (sizes, methods), ``sentiment_data`` (IMDb, prompts), ``sentiment_stages`` (SFT,
 pairs, threads), ``sentiment_methods`` (jobs), ``sentiment_claims``, ``sentiment_report``; this one wires them.
 
-Cost model (slow machine kind: AMD EPYC AVX2, fp32 matmul 2048² ≈ 120 GFLOP/s on 2 threads; see
-``sentiment_settings.FULL``): data + classifier + tokenizer ≈ 25 s; SFT ≈ 0.75 s per step on 2 threads;
-pairs and SFT evaluation ≈ 15 s; best-of-N ≈ (64 + M) × bon_prompts samples; a DPO-type run ≈ 1.6 s per step
-(one thread, reference precomputed) + ≈ 6 s per evaluation of 384 prompts; the runs two at a time. The
-measured stage times are printed as the run goes and written in the report beside the machine's matmul rate.
+Cost model for FULL (seconds on the slow machine kind, AMD EPYC AVX2, fp32 matmul 2048² ≈ 120 GFLOP/s on 2
+threads; one-thread CPU times of timed pieces at FULL size, 2026-12-02, which on idle cores are wall times):
+
+    data + classifier + tokenizer          ≈ 25       (measured 2026-11-26: 5 + 10 + 7)
+    SFT, 360 steps × 1.1 s (1 thread)      ≈ 400      upper bound; 2 threads on idle cores is expected faster
+    pairs, 2,560 samples × 11 ms + SFT eval ≈ 35
+    preference run: 60 × 2.2 s + 3 evals × 6 s + start ≈ 155   × 8 (DPO ×3, IPO, noisy DPO/cDPO/rDPO, UL)
+    Preferred-FT run: 60 × 1.1 s + 18 + 5   ≈ 90    × 3 (lr 5e-4, 3e-3, 1e-2: to span DPO’s KL range)
+    PPO-GT run: 24 × 2.4 s + 3 evals × 7 s  ≈ 80    × 3        (baselines' measurement)
+    best-of-N: 80 prompts × 128 draws × 11 ms ≈ 115  (a worker process beside the runs)
+    → worker time ≈ 1,240 + 270 + 240 + 115 ≈ 1,865 s, two at a time ≈ 935 s
+    Part 1 ≈ 20; report ≈ 15                total ≈ 1,430 s ≈ 24 min (budget 27 min on this kind)
+
+``make reproduce SEEDS=3`` adds two more sets of method runs: ≈ 1,430 + 2 × 875 ≈ 3,180 s ≈ 53 min (estimate).
+The measured stage times are printed as the run goes and written in the report beside the machine's matmul rate.
 """
 
 from __future__ import annotations
@@ -52,16 +62,39 @@ from dpo_lightning.reproduce.sentiment_settings import FULL, LOG_PREFIX, QUICK, 
 from dpo_lightning.reproduce.sentiment_stages import (
     cpu_seconds,
     flip_labels,
+    quiet_one_thread,
     quiet_threads,
     sample_pairs,
     train_sft,
 )
 
 
-def _best_of_n(cfg: Settings, work: Path, eval_ids: list[list[int]], seed: int) -> list[dict]:
+def best_of_n_job(cfg: Settings, work: Path, eval_ids: list[list[int]], seed: int) -> list[dict]:
+    """Best-of-N from the SFT model, one thread (in a worker process beside the method runs)."""
     from dpo_lightning.reproduce import sentiment_ppo
 
-    return sentiment_ppo.best_of_n_points(cfg, work, eval_ids[: cfg.bon_prompts], seed, ns=cfg.bon_ns)
+    with quiet_one_thread():
+        return sentiment_ppo.best_of_n_points(cfg, work, eval_ids[: cfg.bon_prompts], seed, ns=cfg.bon_ns)
+
+
+def _start_best_of_n(cfg: Settings, work: Path, eval_ids: list[list[int]], seed: int):
+    """A callable returning best-of-N's records: with workers, its process starts now and runs beside the method
+    runs (each process one thread: three on two cores for its ≈ 2 min, no thread spinning); else it runs here."""
+    if cfg.workers <= 1:
+        return lambda: best_of_n_job(cfg, work, eval_ids, seed)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    future = pool.submit(best_of_n_job, cfg, work, eval_ids, seed)
+
+    def result() -> list[dict]:
+        try:
+            return future.result()
+        finally:
+            pool.shutdown()
+
+    return result
 
 
 def run_part2(
@@ -90,8 +123,8 @@ def run_part2(
     train_seeds = [seed + i for i in range(seeds)]
     (work / "settings.json").write_text(json.dumps({"quick": quick, "seed": seed, "train_seeds": train_seeds,
                                                     **asdict(cfg)}, indent=2))  # fmt: skip
-    gflops = matmul_gflops(cfg.stage_threads)
-    print(f"{LOG_PREFIX} machine: fp32 matmul {gflops:.0f} GFLOP/s on {cfg.stage_threads} threads", flush=True)
+    gflops = matmul_gflops(2)
+    print(f"{LOG_PREFIX} machine: fp32 matmul {gflops:.0f} GFLOP/s on 2 threads", flush=True)
     timings: dict[str, tuple[float, float]] = {}  # stage -> (wall s, CPU s of this process and its workers)
     clock = [(time.perf_counter(), cpu_seconds())]
 
@@ -103,7 +136,7 @@ def run_part2(
         print(f"{LOG_PREFIX} {stage}: {message} ({wall:.1f} s wall, {cpu:.1f} s CPU)", flush=True)
 
     absent = missing(cfg)
-    with quiet_threads(cfg.stage_threads):
+    with quiet_threads(1):
         train_texts, train_labels = load_imdb(data_dir, "train", limit=cfg.train_reviews, seed=seed)
         test_texts, test_labels = load_imdb(data_dir, "test", limit=cfg.test_reviews, seed=seed)
         local = Path(data_dir or default_imdb_dir())
@@ -141,14 +174,14 @@ def run_part2(
         sft_eval["step"] = 0.0
         done("eval_sft", f"SFT reward {sft_eval['reward']:.3f} ± {sft_eval['reward_sem']:.3f}")
 
-        bon = [] if "best-of-N" in absent else _best_of_n(cfg, work, eval_ids, seed)
-        if bon:
-            done("best_of_n", ", ".join(f"N={r['n']:g}: reward {r['reward']:.2f}" for r in bon))
-
+    best_of_n = None if "best-of-N" in absent else _start_best_of_n(cfg, work, eval_ids, seed)
     runs_by_seed = []
     for s in train_seeds:
         runs_by_seed.append(run_methods(cfg, work, eval_ids, s))
         done("methods" if seeds == 1 else f"methods_seed{s}", f"{len(runs_by_seed[-1])} runs, training seed {s}")
+    bon = [] if best_of_n is None else best_of_n()
+    if bon:
+        done("best_of_n", ", ".join(f"N={r['n']:g}: reward {r['reward']:.2f}" for r in bon) + " (beside the runs)")
 
     note = " Quick mode: toy sizes that check the pipeline; this verdict is not evidence either way." if quick else ""
     points = Points(runs_by_seed, sft_eval, stats.Bootstrap(seeds, len(eval_ids), n_boot=cfg.n_boot, seed=0))
@@ -182,7 +215,7 @@ def run_part2(
         "accuracy": accuracy, "sft_loss": sft_loss, **pair_facts, "flipped": n_flipped, "quick": quick,
         "n_params": sum(p.numel() for p in reference.parameters()), "eval_prompts": len(eval_ids),
         "eval_prompt_texts": eval_prompts, "seed": seed, "train_seeds": train_seeds, "gflops": gflops,
-        "threads": cfg.stage_threads,
+        "threads": 2,
     }  # fmt: skip
     markdown = report.markdown(cfg, facts, runs, sft_eval, bon, timings)
     return claims, {"figures": [str(f.relative_to(out_dir)) for f in figures], "markdown": markdown}

@@ -24,7 +24,7 @@ THRESHOLDS = {
     "sentiment.dpo_kl_decreases_with_beta": "min over neighbouring β of KL(smaller β) − KL(larger β), last step, > 0",
     "sentiment.dpo_dominates_*.pointwise": "mean over matched KL points of r_DPO(k) − r_other(k) > 0",
     "sentiment.dpo_dominates_*.envelope": "mean over matched KL points of frontier_DPO(k) − frontier_other(k) > 0",
-    "sentiment.ipo_kl_bounded": "KL growth over the last evaluation interval, DPO − IPO (same β, same pairs), > 0",
+    "sentiment.ipo_kl_bounded": "KL(DPO) − KL(IPO) at the last step, same β and pairs, > 0",
     "sentiment.{cdpo,rdpo}_beats_dpo_noisy": "reward(method) − reward(DPO), both on the flipped pairs, last step, > 0",
     "sentiment.best_of_n_kl.N*": f"KL estimate within ±{BON_BAND:.0%} of log N − (N − 1)/N",
 }
@@ -158,26 +158,25 @@ def check_claims(cfg: Settings, pts: Points, bon: list[dict] | None, note: str, 
 
 
 def _ipo_claim(pts: Points, dpo: Method | None, beta: float, note: str) -> Claim:
-    """(d): on hard 0/1 labels (each pair seen once, one label: an empirical preference of exactly 1) DPO's
-    optimum is unbounded and IPO's is not (Azar et al. 2023, §4–5): IPO's KL grows less late in training."""
+    """(d): on hard 0/1 labels (each pair seen once with one label: an empirical preference of exactly 1) DPO's
+    optimum is unbounded and IPO's is not (Azar et al. 2023, §4–5). At a finite number of steps the observable is
+    that, at the same β on the same pairs, IPO ends nearer the reference: KL(DPO) − KL(IPO) at the last step > 0.
+    (The KL growth over the last interval is reported too, but not decided on: the cosine schedule, decaying to 0,
+    flattens both curves at the end; that choice was made on the tuning prompts, before the deciding run.)"""
     cid, source = "sentiment.ipo_kl_bounded", "Azar et al. 2023, §4–5 (IPO), on the same IMDb pairs"
     text = "On deterministic preferences IPO's KL stays bounded where DPO's keeps growing (same β, same pairs)"
     ipo = next((m for m, _ in pts.est if m.name == "IPO" and m.beta == beta), None)
     if dpo is None or ipo is None:
         return _undecided(cid, text, source, THRESHOLDS[cid], f"DPO or IPO at β={beta:g} was not run.{note}")
 
-    def growth(method: Method) -> tuple[float, np.ndarray, list[float]]:
-        steps = sorted(s for m, s in pts.est if m == method)
-        if len(steps) < 2:
-            return float("nan"), np.full(pts.boot.n_boot, np.nan), []
-        a, c = pts.est[method, steps[-2]][0], pts.est[method, steps[-1]][0]
-        return c - a, pts.draws[method, steps[-1]][:, 0] - pts.draws[method, steps[-2]][:, 0], steps[-2:]
+    def kls(method: Method) -> list[float]:
+        return [pts.est[m, s][0] for m, s in sorted((k for k in pts.est if k[0] == method), key=lambda k: k[1])]
 
-    (gd, dd, steps), (gi, di, _) = growth(dpo), growth(ipo)
-    d = stats.decide(gd - gi, dd - di, 0.0)
-    last = steps[-1] if steps else float("nan")
-    tol = (f"KL growth from step {steps[0] if steps else '?'} to {last}: DPO {gd:.3f}, IPO {gi:.3f}; final KL DPO "
-           f"{pts.est[pts.last(dpo)][0]:.3f}, IPO {pts.est[pts.last(ipo)][0]:.3f}.{note}")  # fmt: skip
+    kd, ki = kls(dpo), kls(ipo)
+    last_d, last_i = pts.last(dpo), pts.last(ipo)
+    d = stats.decide(kd[-1] - ki[-1], pts.draws[last_d][:, 0] - pts.draws[last_i][:, 0], 0.0)
+    tol = (f"KL along training (steps {sorted(s for m, s in pts.est if m == dpo)}): DPO {[round(k, 2) for k in kd]}, "
+           f"IPO {[round(k, 2) for k in ki]}.{note}")  # fmt: skip
     return _claim(cid, text, source, THRESHOLDS[cid], d, 0.0, tol)
 
 
@@ -228,8 +227,9 @@ def _bon_claims(cfg: Settings, bon: list[dict] | None, note: str, why: str) -> l
         boot = stats.Bootstrap(1, len(terms), n_boot=cfg.n_boot, seed=n)
         d = stats.decide_band(float(terms.mean()), boot.means(terms), formula * (1 - BON_BAND),
                               formula * (1 + BON_BAND))  # fmt: skip
-        tol = (f"{len(terms)} prompts, F̂ from {by_n[n].get('base_samples', '?')} further SFT samples per prompt "
-               f"(the estimator's bias is of order 1/M).{note}")  # fmt: skip
+        tol = (f"{len(terms)} prompts; F̂ from the other K − N = {by_n[n].get('base_samples', '?')} draws per prompt; "
+               f"the estimator's exact finite-M bias (computed from N, M alone) removed, so the claim tests that the "
+               f"draws are i.i.d. and the rewards continuous (ties pull it down).{note}")  # fmt: skip
         out.append(
             _claim(
                 cid,

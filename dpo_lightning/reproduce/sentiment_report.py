@@ -135,8 +135,8 @@ of log π(y|x) − log π_ref(y|x), in nats per sequence, with y ~ π at tempera
 - **Seeds**: base seed {facts["seed"]}; training seeds {facts["train_seeds"]} (each runs every method; the
   classifier, tokenizer, SFT model and pairs come from the base seed); bootstrap seed 0, {cfg.n_boot} replicates.
 - **Wall time**: {total_wall:.0f} s on this machine (fp32 matmul {facts["gflops"]:.0f} GFLOP/s on
-  {facts["threads"]} threads): {timing}. SFT and sampling run {cfg.stage_threads} threads; method runs one
-  thread each, {cfg.workers} at a time.
+  {facts["threads"]} threads): {timing}. SFT runs {cfg.sft_threads} thread(s); everything else one thread, the
+  method runs and best-of-N {cfg.workers} at a time.
 
 ### Decision rules (fixed before the run)
 

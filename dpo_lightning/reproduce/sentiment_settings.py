@@ -30,7 +30,6 @@ class Settings:
     pref_prompts: int  # training prompts; × 6 pairs each
     max_new_tokens: int  # length of every sampled continuation (training pairs and evaluation)
     betas: tuple[float, ...]  # β of the DPO runs; must hold claim_beta
-    cdpo_eps: float  # unused since the second edition (cDPO's ε is flip_rate); kept for old settings files
     method_steps: int  # optimizer steps per offline method run
     method_batch: int  # preference pairs (or chosen responses, for Preferred-FT) per step
     method_lr: float  # AdamW peak learning rate, reached after a linear warmup
@@ -54,23 +53,24 @@ class Settings:
     bon_ns: tuple[int, ...] = (4, 16, 64)  # best-of-N from the SFT model: frontier points and claim (f)
     bon_prompts: int = 16  # deciding prompts best-of-N samples on (the first bon_prompts of them)
     tuning_prompts: int = 128  # the tuning slice of test prefixes (quick runs); the deciding slice follows it
-    stage_threads: int = 2  # torch threads of the stages that run alone (SFT, pairs, SFT/best-of-N evaluation)
+    sft_threads: int = 1  # torch threads of SFT, which runs alone (FULL: 2; everything else runs one thread)
     n_boot: int = 2000  # bootstrap replicates
 
 
 FULL = Settings(
     train_reviews=None, test_reviews=None, vocab_size=4096, n_layer=4, n_embd=128, n_head=4, context=48,
-    sft_steps=400, sft_batch=64, sft_lr=3e-3, pref_prompts=640, max_new_tokens=32, betas=(0.05, 0.1, 1.0),
-    cdpo_eps=0.1, method_steps=60, method_batch=64, method_lr=5e-4, warmup_steps=6, method_schedule="cosine",
-    eval_steps=(20, 40, 60), eval_prompts=384, pft_lrs=(5e-4, 3e-3), ul_lrs=(5e-4,), ppo_kl_coefs=(0.05, 0.2),
-    ppo_steps=40, ppo_rollout_prompts=64, ppo_lr=5e-4, ppo_eval_steps=(10, 20, 40), bon_prompts=128,
+    sft_steps=360, sft_batch=64, sft_lr=3e-3, pref_prompts=640, max_new_tokens=32, betas=(0.05, 0.1, 1.0),
+    method_steps=60, method_batch=64, method_lr=5e-4, warmup_steps=6, method_schedule="cosine",
+    eval_steps=(20, 40, 60), eval_prompts=384, pft_lrs=(5e-4, 3e-3, 1e-2), ul_lrs=(5e-4,),
+    ppo_kl_coefs=(0.03, 0.1, 0.3),
+    ppo_steps=24, ppo_rollout_prompts=48, ppo_lr=5e-4, ppo_eval_steps=(8, 16, 24), bon_prompts=80, sft_threads=2,
 )  # fmt: skip
 QUICK = Settings(
     train_reviews=5000, test_reviews=2000, vocab_size=1024, n_layer=2, n_embd=64, n_head=2, context=32,
-    sft_steps=150, sft_batch=32, sft_lr=3e-3, pref_prompts=160, max_new_tokens=16, betas=(0.05, 0.1, 1.0),
-    cdpo_eps=0.1, method_steps=30, method_batch=32, method_lr=2e-3, warmup_steps=3, method_schedule="cosine",
-    eval_steps=(10, 20, 30), eval_prompts=128, workers=1,  # runs of a few seconds: a worker's start-up costs more
-    n_boot=500,
+    sft_steps=100, sft_batch=32, sft_lr=3e-3, pref_prompts=160, max_new_tokens=16, betas=(0.05, 0.1, 1.0),
+    method_steps=20, method_batch=32, method_lr=2e-3, warmup_steps=2, method_schedule="cosine",
+    eval_steps=(10, 20), eval_prompts=64, workers=1,  # runs of a few seconds: a worker's start-up costs more
+    bon_prompts=8, n_boot=500,
 )  # fmt: skip
 
 

@@ -36,10 +36,11 @@ def trainer(max_steps: int, callbacks: list | None = None):
 def quiet_threads(threads: int = 1) -> Iterator[None]:
     """A fixed number of intra-op threads, and no per-run chatter (Lightning banners, known deprecations).
 
-    Method runs use one thread each and run two at a time in processes (on a busy 2-core machine OpenMP threads
-    spin waiting for a core; measured 5–7× slower). The stages that run alone (SFT, sampling the pairs,
-    evaluating the SFT model and best-of-N) use ``Settings.stage_threads`` = 2. A fixed count keeps a seed's
-    numbers the same run to run on one machine; across CPU kinds the float kernels differ anyway.
+    Everything runs one thread, the method runs (and best-of-N) two at a time in processes: on a busy 2-core
+    machine OpenMP threads spin waiting for a core (measured here under load ≈ 4: SFT steps 1.8×, sampling 10×
+    slower on 2 threads than on 1). Only SFT, which runs alone while the second core would idle, takes
+    ``Settings.sft_threads`` (FULL: 2, for an idle machine). A fixed count keeps a seed's numbers the same run to
+    run on one machine; across CPU kinds (AVX2 / AVX-512) the float kernels differ anyway.
     """
     import datasets
     import transformers
@@ -83,6 +84,8 @@ def train_sft(cfg: Settings, tokenizer: Any, texts: list[str], out: Path, seed: 
     from dpo_lightning.sft import SFTDataModule, SFTModule
 
     pl.seed_everything(seed, verbose=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.sft_threads)
     # a 10-characters-per-token cut keeps tokenization cheap and still leaves every long review over
     # ``context`` tokens, so only reviews that really end there get an EOS
     dm = SFTDataModule.from_texts(
@@ -94,7 +97,10 @@ def train_sft(cfg: Settings, tokenizer: Any, texts: list[str], out: Path, seed: 
     module = SFTModule(policy_config=gpt2, disable_dropout=True, lr=cfg.sft_lr, tokenizer=tokenizer, save_dir=str(out),
                        warmup_steps=max(cfg.sft_steps // 20, 1), lr_schedule="cosine")  # fmt: skip
     fit = trainer(cfg.sft_steps)
-    fit.fit(module, dm)
+    try:
+        fit.fit(module, dm)
+    finally:
+        torch.set_num_threads(before)
     return float(fit.callback_metrics["train/loss"])
 
 
