@@ -134,7 +134,8 @@ def test_ppo_run_is_evaluated_in_ppo_steps(toy, tiny_tokenizer):
 
 def test_ppo_job_hands_the_method_and_sizes_through(monkeypatch, tmp_path):
     """ppo_job reads the work folder and calls train_ppo with β = method.kl_coef, the settings' sizes, evaluation
-    kwargs of every method run, and step 0 plus cfg.ppo_eval_steps; a method that is not PPO is a ConfigError."""
+    kwargs of every method run, and cfg.ppo_eval_steps (no step 0: the pipeline shares the SFT model's evaluation);
+    a method that is not PPO is a ConfigError."""
     import json
 
     from dpo_lightning.errors import ConfigError
@@ -152,7 +153,7 @@ def test_ppo_job_hands_the_method_and_sizes_through(monkeypatch, tmp_path):
     assert seen["args"] == (tmp_path / "sft", tmp_path / "reward.npz", [[1, 2], [3, 4]])
     assert seen["kl_coef"] == 0.37 and seen["steps"] == QUICK.ppo_steps and seen["lr"] == QUICK.ppo_lr
     assert seen["rollout_prompts"] == QUICK.ppo_rollout_prompts and seen["seed"] == 4
-    assert seen["eval_steps"] == (0, *QUICK.ppo_eval_steps)
+    assert seen["eval_steps"] == tuple(QUICK.ppo_eval_steps) and 0 not in seen["eval_steps"]
     ev = seen["evaluation"]
     assert ev["prompts"] == [[5]] and ev["reward_fn"] == "classifier"
     assert {k: ev[k] for k in eval_kwargs(QUICK, 4)} == eval_kwargs(QUICK, 4)
