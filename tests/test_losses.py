@@ -205,6 +205,11 @@ def closed_sft(pc, pr, rc, rr, lc, lr, b):
     return -pc, (-1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
+def closed_unlikelihood(pc, pr, rc, rr, lc, lr, b, alpha=0.4):
+    """Inputs are per-token means; L = −mc − α log(1 − e^{mr});  ∂mc = −1, ∂mr = α/(e^{−mr} − 1)."""
+    return -pc - alpha * math.log(1 - math.exp(pr)), (-1.0, alpha / (math.exp(-pr) - 1), 0.0, 0.0, 0.0, 0.0)
+
+
 def closed_kto(pc, pr, rc, rr, lc, lr, b, z0=0.25, wd=1.3, wu=0.8):
     """Both masks True (a pair as one desirable and one undesirable row); a = β(Δc − z₀), c = β(z₀ − Δr);
     L = λ_D σ(−a) + λ_U σ(−c);  dL/dΔc = −β λ_D s(a), dL/dΔr = +β λ_U s(c)."""
@@ -233,6 +238,7 @@ CASES = {
     "simpo": ({"simpo_gamma": 0.8}, closed_simpo),
     "orpo": ({"orpo_lambda": 0.3}, closed_orpo),
     "sft": ({}, closed_sft),
+    "unlikelihood": ({"unlikelihood_alpha": 0.4}, closed_unlikelihood),
     "kto": ({"kl_reference": 0.25, "desirable_weight": 1.3, "undesirable_weight": 0.8}, closed_kto),
 }
 
@@ -350,6 +356,7 @@ ALL_PARAMS = {
     "label_smoothing": 0.1,
     "simpo_gamma": 0.8,
     "orpo_lambda": 0.3,
+    "unlikelihood_alpha": 0.6,
     "rpo_alpha": 0.7,
     "dpop_lambda": 3.0,
     "bco_delta": 0.3,
@@ -521,8 +528,9 @@ def test_rewards_are_beta_times_log_ratios_and_detached(name):
 
 def test_loss_specs():
     """What each loss is defined on, as the module and the data pipeline read it."""
-    assert {n for n, spec in SPECS.items() if not spec.reference} == {"simpo", "orpo", "sft"}
-    assert {n for n, spec in SPECS.items() if spec.per_token} == {"simpo", "orpo", "sft", "sigmoid_norm"}
+    assert {n for n, spec in SPECS.items() if not spec.reference} == {"simpo", "orpo", "sft", "unlikelihood"}
+    per_token = {"simpo", "orpo", "sft", "unlikelihood", "sigmoid_norm"}
+    assert {n for n, spec in SPECS.items() if spec.per_token} == per_token
     assert {n for n, spec in SPECS.items() if spec.unpaired} == {"kto"}
 
 
