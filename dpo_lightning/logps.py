@@ -10,6 +10,11 @@ single speed and memory lever we measured (reports/bench/README.md). With ``chun
 through the output layer and the log-softmax ``chunk_size`` at a time, each chunk recomputed in the backward
 (:func:`chunked_token_logps`), so the (positions x vocabulary) logits never exist at once: at a large vocabulary they
 are the step's largest tensor.
+
+Every head reads the scored tokens as (source, target, sequence) triples: the position whose logits predict, the
+token, the sequence it counts for. A padded batch's triples come from its labels (:func:`score_triples`); a packed
+or prompt-shared batch (``data/packing.py``) carries its own, and :func:`layout_inputs` builds the attention mask
+its kernel takes from its group and branch ids. :func:`batch_logps` dispatches on the batch.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ response, one per row, right-padded to the longest. Two layouts remove work from
   from the prompt's end (P..P+R-1, what the padded row gives them) and they attend to the prompt and to
   themselves, never to the chosen. The prompt is computed once per pair. Without ``packing`` a unit is one row.
 
-A laid-out batch is described by per-token ids, from which the model side (``logps.packed_attention``) builds the
+A laid-out batch is described by per-token ids, from which the model side (``logps.layout_inputs``) builds the
 attention mask: query q attends key k iff they are in the same row and ``group``, k ≤ q, and ``branch[k]`` is 0
 (prompt, or any token of a plain sequence) or equal to ``branch[q]`` (1 chosen, 2 rejected). Scoring does not
 shift labels by one (the first rejected token is predicted from the last prompt position, not from the token
