@@ -266,7 +266,12 @@ def attention_kernel(model: nn.Module) -> str:
     """The model's attention implementation, when it can run a packed / prompt-shared batch: its forward takes
     ``position_ids`` and its kernel a 4D mask (transformers passes a 4D mask or a BlockMask through as it is);
     else a ConfigError naming the keys."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA (peft) wrapper
+    base = model
+    while True:  # through a LoRA policy (peft's get_base_model) and its adapters-off reference (its .policy)
+        inner = base.get_base_model() if hasattr(base, "get_base_model") else base.__dict__.get("policy")
+        if not isinstance(inner, nn.Module) or inner is base:
+            break
+        base = inner
     kernel = str(getattr(base.config, "_attn_implementation", None) or "eager")
     if kernel not in LAYOUT_ATTENTION:
         raise ConfigError(
@@ -324,7 +329,7 @@ def layout_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str,
     else:
         mask = layout_allowed(group_ids, branch_ids)
         if kernel == "eager":
-            dtype = next(model.parameters()).dtype
+            dtype = model.get_output_embeddings().weight.dtype  # a LoRA reference wrapper owns no parameters
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": mask}
 

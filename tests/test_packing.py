@@ -184,6 +184,29 @@ def test_module_step_on_a_laid_out_batch(features, hh_datamodule):
         module.training_step(batch, 0)
 
 
+def test_a_lora_policy_and_its_adapters_off_reference(features, hh_datamodule):
+    """A LoRA policy (peft wrapper) and its reference (the policy with adapters off, a wrapper owning no
+    parameters) take the laid-out batch through their wrappers: the padded batch's log-probs, adapters trained
+    away from zero so policy and reference differ."""
+    from dpo_lightning.module import PreferenceModule
+
+    tokenizer = hh_datamodule.tokenizer
+    torch.manual_seed(0)
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}
+    module = PreferenceModule(policy_config=FAMILIES["gpt2"], peft_config=lora, tokenizer=tokenizer)
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    padded = PairCollator(tokenizer.pad_token_id)(features)
+    batch = LayoutCollator(tokenizer.pad_token_id, True, True)(features)
+    with torch.no_grad():
+        for model in (module.policy, module.reference):
+            close(module.concatenated_logps(model, batch), module.concatenated_logps(model, padded))
+        gap = module.concatenated_logps(module.policy, batch) - module.concatenated_logps(module.reference, batch)
+    assert gap.abs().min() > 0.01
+
+
 def test_a_planted_leak_breaks_the_equality(features, hh_datamodule, monkeypatch):
     """A mask that lets the rejected tokens see the chosen ones (branches ignored) is what packed DPO elsewhere
     shipped with: the equality check must fail on it, by far more than the tolerance (units, not 1e-5), on the
