@@ -39,6 +39,8 @@ from dpo_lightning.bench.side_by_side import section_side
 from dpo_lightning.bench.vs_trl import section_trl
 
 SECTIONS = ("trl", "side_by_side", "profile", "levers", "sweep", "processes", "pipeline", "gpu", "lora")
+# the full run's default (make bench, ~20 min): side_by_side supersedes trl's comparison; --quick runs them all
+FULL_DEFAULT = tuple(name for name in SECTIONS if name != "trl")
 
 
 def machine() -> dict[str, Any]:
@@ -79,12 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="toy sizes, workers in this process (a harness check)")
     parser.add_argument("--out", default="reports/bench", help="where results.json, README.md and plots go")
     parser.add_argument("--work", help="scratch folder (tokenizer, weights, pairs, caches); default OUT/.work")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--rounds", type=int, help="alternations of trl and side_by_side (default 1 and 2)")
+    parser.add_argument(
+        "--sections", help=f"comma-separated subset of {SECTIONS} (default: all with --quick, else {FULL_DEFAULT})"
+    )
+    parser.add_argument("--rounds", type=int, help="alternations of trl and side_by_side (default 3 and 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process, both sides")
     parser.add_argument("--render", action="store_true", help="only rewrite README.md and plots from results.json")
     args = parser.parse_args(argv)
-    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    chosen = args.sections or ",".join(SECTIONS if args.quick else FULL_DEFAULT)
+    sections = [x.strip() for x in chosen.split(",") if x.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in SECTIONS:
         if name not in sections:
-            results[name] = {"status": "skipped", "reason": "not in --sections"}
+            why = "not in --sections" if args.sections else "not in the full run by default (--sections runs it)"
+            results[name] = {"status": "skipped", "reason": why}
             continue
         log(f"section {name}")
         section_start = time.perf_counter()

@@ -33,7 +33,7 @@ class Settings:
     """Sizes of one bench run: the full one by default; :func:`settings` gives it or the quick one."""
 
     quick: bool = False
-    rounds: int = 1  # alternations of the trl section's ours/TRL runs (the side section is the headline now)
+    rounds: int = 3  # alternations of the trl section's ours/TRL runs (not in make bench: side_by_side is)
     lever_rounds: int = 1  # alternations of the step-loop levers
     extra_rounds: int = 1  # alternations of the single-lever HH runs, the process counts and torch.compile
     threads: int = 2
@@ -55,7 +55,7 @@ class Settings:
     lever_steps: int = 3  # timed steps of a step-loop lever run (fixed shapes: steadier than HH batches)
     compile: bool = True
     processes: bool = True
-    single_levers: bool = False  # HH runs with one lever on at a time (off: only the response-only head)
+    single_levers: bool = True  # HH runs with one lever on at a time (off: only the response-only head)
     profile_ops: bool = True  # torch.profiler runs of both sides (quick: only the phase split)
     pipeline_rows: int | None = None
     # the side-by-side section (bench/side_by_side.py): the issue's shape, then the peak-RSS shape
@@ -72,9 +72,9 @@ class Settings:
 
 
 QUICK = dict(
-    quick=True, shape="L2-d64", batch_size=2, max_length=64, max_prompt_length=32, max_rows=48, vocab=512,
+    quick=True, rounds=1, shape="L2-d64", batch_size=2, max_length=64, max_prompt_length=32, max_rows=48, vocab=512,
     warmup=1, steps=1, sweep_shapes=["L2-d64"], sweep_lengths=[32, 64], scaling_pairs=[1], sweep_steps=1,
-    lever_steps=1, compile=False, processes=False, profile_ops=False, pipeline_rows=48,
+    lever_steps=1, compile=False, processes=False, single_levers=False, profile_ops=False, pipeline_rows=48,
     side_shape="L2-d64", side_layouts=["padded", "both"], side_rounds=1, side_steps=1, side_max_rows=48,
     rss_shape="L2-d64", rss_pairs=2, rss_steps=1, rss_max_rows=8,
 )  # fmt: skip
