@@ -256,8 +256,6 @@ class PreferenceModule(FrozenReference, pl.LightningModule):  # the reference's 
         """Loss (scalar, with grad) and per-example metric values (each (B,), or (values, weights), no grad)."""
         policy_logps = self.concatenated_logps(self.policy, batch)
         ref_logps = self.reference_logps(batch, split)
-        if ref_logps.shape != policy_logps.shape:  # reference-free zeros sized by a laid-out batch's rows
-            ref_logps = torch.zeros_like(policy_logps)
         lengths = batch_response_lengths(batch)
         return self.objective(
             (policy_logps, ref_logps),

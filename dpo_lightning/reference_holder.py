@@ -76,7 +76,7 @@ class FrozenReference(ReferenceHolder):
         if self.hparams.precompute_reference and self.reference is None:
             raise RuntimeError(f"no precomputed reference log-probs for the {split} split")
         if self.reference is None:
-            return torch.zeros(batch["input_ids"].shape[0], device=self.device)
+            return torch.zeros(2 * batch["index"].shape[0], device=self.device)  # 2B sequences, in any layout
         with torch.no_grad():
             return self.concatenated_logps(self.reference, batch)
 
