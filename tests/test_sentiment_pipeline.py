@@ -52,6 +52,26 @@ def test_tuning_and_deciding_prompts_are_disjoint_fixed_slices(tiny_tokenizer):
         prompt_slices(tiny_tokenizer, texts, 30, 20, 2, 4)
 
 
+def test_pairs_train_without_eos(tmp_path, tiny_tokenizer_dir):
+    """The pairs' responses were cut, not ended: NoEosPreferenceData drops the EOS the data pipeline appends
+    (the plain module keeps it, so this test can fail), and nothing else: the response ids are a prefix."""
+    from dpo_lightning.data.datamodule import PreferenceDataModule
+    from dpo_lightning.reproduce.sentiment_stages import NoEosPreferenceData
+
+    rows = [{"prompt": f"The film {i} was", "chosen": " good and fine", "rejected": " dull and long"} for i in range(6)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = {"train_files": str(path), "format": "explicit", "tokenizer": str(tiny_tokenizer_dir), "max_length": 64,
+          "max_prompt_length": 32, "batch_size": 2, "val_fraction": 0.0}  # fmt: skip
+    plain, cut = PreferenceDataModule(**kw), NoEosPreferenceData(**kw)
+    plain.prepare(), cut.prepare()
+    eos = plain.tokenizer.eos_token_id
+    for side in ("chosen", "rejected"):
+        with_eos, without = plain.datasets["train"][f"{side}_input_ids"], cut.datasets["train"][f"{side}_input_ids"]
+        assert all(list(a)[-1] == eos and list(a)[:-1] == list(b) for a, b in zip(with_eos, without, strict=True))
+        assert [len(b) for b in without] == list(cut.datasets["train"][f"{side}_len"])
+
+
 def test_flip_labels_swaps_a_fixed_share():
     pairs = [{"prompt": str(i), "chosen": "a", "rejected": "b"} for i in range(40)]
     noisy, n = flip_labels(pairs, 0.25, seed=0)
