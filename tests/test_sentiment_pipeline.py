@@ -36,7 +36,10 @@ def test_prompts_are_whole_words_of_at_least_2_tokens(tiny_tokenizer):
     texts = ["The film was great and lovely and fine and charming, a superb brilliant thing indeed."] * 50
     prompts = make_prompts(tiny_tokenizer, texts, np.random.default_rng(0), 2, 8)
     lengths = [len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    assert min(lengths) >= 2 and len(set(lengths)) > 3
+    assert min(lengths) >= 2 and max(lengths) <= 8 + 2 and len(set(lengths)) > 3
+    # a word too long to finish within hi + 2 tokens: cut back to the boundary before it
+    long_word = ["Good " + "x" * 200 + " end"] * 20
+    assert set(make_prompts(tiny_tokenizer, long_word, np.random.default_rng(0), 6, 6)) == {"Good"}
     assert all(texts[0].startswith(p) and texts[0][len(p) : len(p) + 1] in (" ", "") for p in prompts)
     assert len(set(prompts)) > 3
 

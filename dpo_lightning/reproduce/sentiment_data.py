@@ -68,14 +68,20 @@ def load_imdb(
 
 def make_prompts(tokenizer: Any, texts: list[str], rng: np.random.Generator, lo: int, hi: int) -> list[str]:
     """A prefix of each text that ends at a word boundary: the first k tokens (k uniform in [lo, hi], the paper's
-    2–8 token prefixes), extended to the end of the word they stop in. A prompt is whole words, so the text that
-    follows it starts with a space and tokenizes the same alone as after the prompt."""
+    2–8 token prefixes), extended to the end of the word they stop in; where that would pass ``hi + 2`` tokens (a
+    long word), cut back to the word boundary before instead (kept mid-word only when the first word alone is
+    that long). A prompt is whole words, so the text that follows it starts with a space and tokenizes the same
+    alone as after the prompt, and prompt + continuation stays within the model's positions."""
     ids = tokenizer([t[: 20 * hi] for t in texts], add_special_tokens=False)["input_ids"]
     out = []
     for text, row in zip(texts, ids, strict=True):
         head = tokenizer.decode(row[: int(rng.integers(lo, hi + 1))])
         cut = text.find(" ", len(head.rstrip()))
-        out.append(text if cut < 0 else text[:cut])
+        prompt = text if cut < 0 else text[:cut]
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > hi + 2:
+            back = head.rstrip().rfind(" ")
+            prompt = head[:back] if back > 0 else head
+        out.append(prompt)
     return out
 
 

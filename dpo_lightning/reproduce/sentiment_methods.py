@@ -88,7 +88,7 @@ def method_job(cfg: Settings, method: Method, work: Path, eval_ids: list[list[in
         callback = RewardKLCallback(reference, eval_ids, SentimentClassifier.load(work / "reward.npz"), tokenizer,
                                     eval_steps=cfg.eval_steps, **eval_kwargs(cfg, seed))
         pl.seed_everything(seed, verbose=False)  # the same data order for every method
-        max_length = cfg.context + cfg.max_new_tokens + 8  # room for re-tokenization drift; nothing is cut
+        max_length = cfg.context  # the SFT model's positions; prompts ≤ max_prefix + 2 tokens + the response fit
         if method.kind == "sft":
             pairs = [json.loads(line) for line in pairs_file.read_text().splitlines()]
             # samples were cut at max_new_tokens, not ended: no EOS after them, as for every method
@@ -101,7 +101,7 @@ def method_job(cfg: Settings, method: Method, work: Path, eval_ids: list[list[in
         else:
             dm = NoEosPreferenceData(
                 train_files=str(pairs_file), format="explicit", tokenizer=str(sft_dir), max_length=max_length,
-                max_prompt_length=cfg.context, batch_size=cfg.method_batch, val_fraction=0.0, seed=seed,
+                max_prompt_length=cfg.max_prefix + 8, batch_size=cfg.method_batch, val_fraction=0.0, seed=seed,
             )
             shared = get_spec(method.loss).reference  # a reference-free loss (Unlikelihood) has no table
             module = PreferenceModule(
