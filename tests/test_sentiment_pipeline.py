@@ -44,15 +44,22 @@ def test_prompts_are_whole_words_of_at_least_2_tokens(tiny_tokenizer):
     assert len(set(prompts)) > 3
 
 
-def test_tuning_and_deciding_prompts_are_disjoint_fixed_slices(tiny_tokenizer):
-    texts = [f"review number {i} is about a film" for i in range(40)]
+def test_tuning_and_deciding_prompts_come_from_disjoint_review_sets(tiny_tokenizer):
+    """Tuning reviews have CRC-32 ≡ 0 mod 10, deciding ones ≡ 1: disjoint whatever subsample is loaded, and the
+    same prompts every time. Each review starts with its own word, so a prompt names its review."""
+    from dpo_lightning.reproduce.sentiment_data import review_set
+
+    texts = [f"r{i}q is about a film" for i in range(400)]
+    by_word = {t.split()[0]: t for t in texts}
     tuning, deciding = prompt_slices(tiny_tokenizer, texts, 10, 20, 2, 4)
-    again = prompt_slices(tiny_tokenizer, texts, 10, 20, 2, 4)
-    assert len(tuning) == 10 and len(deciding) == 20 and (tuning, deciding) == again
-    numbers = lambda ps: {p.split()[2] for p in ps if len(p.split()) > 2}  # noqa: E731 - which reviews
-    assert not numbers(tuning) & numbers(deciding)
-    with pytest.raises(DataError, match="40 were loaded"):
-        prompt_slices(tiny_tokenizer, texts, 30, 20, 2, 4)
+    assert len(tuning) == 10 and len(deciding) == 20
+    assert (tuning, deciding) == prompt_slices(tiny_tokenizer, texts, 10, 20, 2, 4)
+    assert [review_set(by_word[p.split()[0]]) for p in tuning] == [0] * 10
+    assert [review_set(by_word[p.split()[0]]) for p in deciding] == [1] * 20
+    half = prompt_slices(tiny_tokenizer, texts[::2], 0, 5, 2, 4)[1]  # another subsample: still deciding reviews
+    assert [review_set(by_word[p.split()[0]]) for p in half] == [1] * 5
+    with pytest.raises(DataError, match="deciding test reviews"):
+        prompt_slices(tiny_tokenizer, texts[:40], 0, 30, 2, 4)
 
 
 def test_pairs_train_without_eos(tmp_path, tiny_tokenizer_dir):

@@ -163,9 +163,10 @@ def run_part2(
         for name, rows in (("pairs.jsonl", pairs), ("pairs_noisy.jsonl", noisy)):
             (work / name).write_text("".join(json.dumps(p) + "\n" for p in rows))
         (work / "train_prompts.json").write_text(json.dumps(prompt_ids(tokenizer, prompts)))
-        tuning, deciding = prompt_slices(tokenizer, test_texts, cfg.tuning_prompts, cfg.eval_prompts,
-                                         cfg.min_prefix, cfg.max_prefix)  # fmt: skip
-        eval_prompts = tuning[: cfg.eval_prompts] if quick else deciding
+        # quick runs evaluate on tuning prompts only, the full run on deciding prompts only (sentiment_data)
+        tuning, deciding = prompt_slices(tokenizer, test_texts, cfg.eval_prompts if quick else 0,
+                                         0 if quick else cfg.eval_prompts, cfg.min_prefix, cfg.max_prefix)  # fmt: skip
+        eval_prompts = tuning if quick else deciding
         eval_ids = prompt_ids(tokenizer, eval_prompts)
         done("pairs", f"{len(pairs)} pairs from {len(prompts)} prompts ({pair_facts['ended']:.0f} of "
                       f"{pair_facts['samples']:.0f} samples ended early, left out); {n_flipped} flipped")  # fmt: skip

@@ -1,14 +1,16 @@
 """Part 2's data: IMDb reviews, prompts cut at word boundaries, and the tuning / deciding evaluation prompts.
 
-The test reviews are put in one fixed order (seeded by :data:`PROMPT_ORDER_SEED`, not by ``--seed``): the first
-``tuning_prompts`` of them are the *tuning* slice, which development runs (``--quick``) evaluate on; the next
-``eval_prompts`` are the *deciding* slice, which only the full run evaluates on and on which the claims are decided.
-No setting was chosen by looking at the deciding slice.
+A test review belongs to the *tuning* set when the CRC-32 of its text is 0 mod 10 and to the *deciding* set when it
+is 1 mod 10: disjoint by construction, whatever subsample of the test split a run loads (``--quick`` loads 2,000
+reviews, the full run all 25,000). Development runs (``--quick``) evaluate on tuning prompts; only the full run
+evaluates on deciding prompts, and the claims are decided there. Within each set the reviews are put in one fixed
+order (:data:`PROMPT_ORDER_SEED`, not ``--seed``). No setting was chosen by looking at the deciding set.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,8 @@ def make_prompts(tokenizer: Any, texts: list[str], rng: np.random.Generator, lo:
     long word), cut back to the word boundary before instead (kept mid-word only when the first word alone is
     that long). A prompt is whole words, so the text that follows it starts with a space and tokenizes the same
     alone as after the prompt, and prompt + continuation stays within the model's positions."""
+    if not texts:
+        return []
     ids = tokenizer([t[: 20 * hi] for t in texts], add_special_tokens=False)["input_ids"]
     out = []
     for text, row in zip(texts, ids, strict=True):
@@ -85,12 +89,24 @@ def make_prompts(tokenizer: Any, texts: list[str], rng: np.random.Generator, lo:
     return out
 
 
+def review_set(text: str) -> int:
+    """0: tuning, 1: deciding, else neither (CRC-32 of the text mod 10)."""
+    return zlib.crc32(text.encode("utf-8")) % 10
+
+
 def prompt_slices(tokenizer: Any, test_texts: list[str], tuning: int, deciding: int, lo: int, hi: int):
-    """(tuning prompts, deciding prompts): disjoint slices of the test reviews in their fixed order."""
-    if tuning + deciding > len(test_texts):
-        raise DataError(f"Part 2: {tuning} tuning + {deciding} deciding prompts need that many test reviews; "
-                        f"only {len(test_texts)} were loaded")  # fmt: skip
+    """(tuning prompts, deciding prompts): the first ``tuning`` / ``deciding`` reviews of each set, in a fixed
+    order, as word-boundary prefixes. A set with fewer reviews than asked for is a DataError."""
     rng = np.random.default_rng(PROMPT_ORDER_SEED)
-    order = rng.permutation(len(test_texts))[: tuning + deciding]
-    prompts = make_prompts(tokenizer, [test_texts[i] for i in order], rng, lo, hi)
-    return prompts[:tuning], prompts[tuning:]
+    order = rng.permutation(len(test_texts))
+    sets = {0: [], 1: []}
+    for i in order:
+        sets.get(review_set(test_texts[i]), []).append(test_texts[i])
+    for key, want, name in ((0, tuning, "tuning"), (1, deciding, "deciding")):
+        if len(sets[key]) < want:
+            raise DataError(f"Part 2: {want} {name} prompts need that many {name} test reviews (CRC-32 ≡ {key} "
+                            f"mod 10); the {len(test_texts)} loaded have {len(sets[key])}")  # fmt: skip
+    return (
+        make_prompts(tokenizer, sets[0][:tuning], rng, lo, hi),
+        make_prompts(tokenizer, sets[1][:deciding], rng, lo, hi),
+    )

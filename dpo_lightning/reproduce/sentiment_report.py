@@ -115,7 +115,7 @@ def markdown(cfg: Settings, facts: dict[str, Any], runs: dict, sft: dict, bon: l
     timing = ", ".join(f"{k} {wall:.0f} s" for k, (wall, _) in timings.items())
     total_wall = sum(t[0] for t in timings.values())
     rules = "\n".join(f"| `{k}` | {v} |" for k, v in THRESHOLDS.items())
-    slice_name = "tuning" if facts["quick"] else "deciding"
+    slice_name = "tuning" if facts["quick"] else "deciding"  # the set the prompts come from
     return f"""Controlled sentiment generation on IMDb (Rafailov et al. 2023, §6.1, Appendix C.1) at CPU scale:
 a tiny GPT-2 trained from scratch stands in for GPT-2-large, and a TF-IDF + logistic-regression classifier for
 the paper's sentiment model. Reward = the classifier's positive-class logit; KL(π ‖ π_ref) = mean over samples
@@ -128,10 +128,10 @@ of log π(y|x) − log π_ref(y|x), in nats per sequence, with y ~ π at tempera
 - **Preference data**: {cfg.pref_prompts} train prefixes ({cfg.min_prefix}–{cfg.max_prefix} tokens, cut forward
   to a word boundary) × {cfg.samples_per_prompt} samples → {facts["pairs"]:.0f} pairs; mean reward gap within a
   pair {facts["pair_gap"]:.3f}.
-- **Evaluation prompts**: the {slice_name} slice, {facts["eval_prompts"]} test prefixes, one sample each, the
-  same sampling seed at every checkpoint of every run. The test reviews are in one fixed order: the first
-  {cfg.tuning_prompts} are the tuning slice (every `--quick` and development run evaluates there), the next
-  {cfg.eval_prompts} the deciding slice, used only by the full run; no setting was chosen on the deciding slice.
+- **Evaluation prompts**: {facts["eval_prompts"]} {slice_name} test prefixes, one sample each, the same
+  sampling seed at every checkpoint of every run. A test review is a *tuning* review when the CRC-32 of its text is
+  0 mod 10 and a *deciding* one when it is 1 mod 10 (disjoint by construction): every `--quick` and development run
+  evaluates on tuning reviews, only the full run on deciding ones; no setting was chosen on the deciding reviews.
 - **Seeds**: base seed {facts["seed"]}; training seeds {facts["train_seeds"]} (each runs every method; the
   classifier, tokenizer, SFT model and pairs come from the base seed); bootstrap seed 0, {cfg.n_boot} replicates.
 - **Wall time**: {total_wall:.0f} s on this machine (fp32 matmul {facts["gflops"]:.0f} GFLOP/s on

@@ -36,7 +36,7 @@ class Settings:
     warmup_steps: int
     method_schedule: str  # after warmup: "constant", or "cosine" decay to 0 at the last step
     eval_steps: tuple[int, ...]  # steps at which each run is evaluated (step 0, the SFT model, is shared)
-    eval_prompts: int  # deciding test prompts (quick: tuning prompts), one sample each
+    eval_prompts: int  # test prompts, one sample each: deciding ones (quick: tuning ones; sentiment_data)
     workers: int = 2  # method runs in parallel, one process and one thread each
     samples_per_prompt: int = 4  # Appendix C.1: 4 samples, so 6 pairs, per prompt
     min_prefix: int = 2  # Appendix C.1: prefixes of 2–8 tokens (cut forward to the end of a word)
@@ -52,7 +52,6 @@ class Settings:
     ppo_eval_steps: tuple[int, ...] = (2, 4)
     bon_ns: tuple[int, ...] = (4, 16, 64)  # best-of-N from the SFT model: frontier points and claim (f)
     bon_prompts: int = 16  # deciding prompts best-of-N samples on (the first bon_prompts of them)
-    tuning_prompts: int = 128  # the tuning slice of test prefixes (quick runs); the deciding slice follows it
     sft_threads: int = 1  # torch threads of SFT, which runs alone (FULL: 2; everything else runs one thread)
     n_boot: int = 2000  # bootstrap replicates
 
