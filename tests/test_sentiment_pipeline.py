@@ -255,7 +255,7 @@ def test_toy_pipeline_writes_figures_and_claims(toy_reproduction):
         "### Decision rules (fixed before the run)",
         "GFLOP/s",
         "distinct-2",
-        "tuning slice",
+        "tuning test prefixes",
     ):
         assert section in readme, section
     work = out / "sentiment"
