@@ -47,13 +47,15 @@ format: install  ## ruff format + autofix
 	$(BIN)/ruff check --fix dpo_lightning tests
 
 SEED ?= 0
-reproduce: install  ## the DPO/IPO/cDPO papers' claims, Parts 1+2 (<= 30 min on 2 CPU cores) -> reports/reproduce/
-	$(BIN)/python -m dpo_lightning.reproduce --seed $(SEED) --out reports/reproduce
+# SEEDS: training seeds per Part-2 method (SEED, SEED+1, ...); the bootstrap then resamples seeds and prompts
+SEEDS ?= 1
+reproduce: install  ## the papers' claims, Parts 1+2, with verdicts from bootstrap intervals (<= 30 min on 2 CPU cores) -> reports/reproduce/
+	$(BIN)/python -m dpo_lightning.reproduce --seed $(SEED) --seeds $(SEEDS) --out reports/reproduce
 
 reproduce-quick: install  ## Part 1 in full + Part 2 at toy size (<= 5 min) -> reports/reproduce/
 	$(BIN)/python -m dpo_lightning.reproduce --quick --seed $(SEED) --out reports/reproduce
 
-bench: install  ## ours vs TRL's DPOTrainer, levers, scaling (~15 min on 2 cores) -> reports/bench/
+bench: install  ## ours (padded, packed, prompt-shared) vs TRL's DPOTrainer side by side with MFU, levers, scaling (~20 min on 2 cores) -> reports/bench/
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[$(EXTRAS),bench]'  # a no-op with the default EXTRAS
 	$(BIN)/python -m dpo_lightning.bench --out reports/bench
 
