@@ -58,7 +58,7 @@ from dpo_lightning.data.cache import cached_bpe_tokenizer, tokenizer_fingerprint
 from dpo_lightning.data.chat import PLAIN_TURN, ChatRenderer
 from dpo_lightning.data.formats import UNPAIRED, FormatName, apply_columns, detect_format, make_parser
 from dpo_lightning.data.loaders import PairLoaders
-from dpo_lightning.data.packing import LayoutCollator, UnpaddedRows, check_layout
+from dpo_lightning.data.packing import LayoutCollator, check_layout
 from dpo_lightning.data.sampler import ResumableDataLoader
 from dpo_lightning.data.sources import Source
 from dpo_lightning.data.splits import check_same_kind, flip_pair_labels, flip_unpaired_labels, hold_out, is_unpaired
@@ -289,7 +289,7 @@ class PreferenceDataModule(PairLoaders, TrainOrderState, pl.LightningDataModule)
             rows = UnpairedCollator(
                 tok.pad_token_id, self.max_length, self.max_prompt_length, self.truncation_mode, tok.bos_token_id
             )
-            return LayoutCollator(tok.pad_token_id, True, False, UnpaddedRows(rows)) if self.packing else rows
+            return LayoutCollator(tok.pad_token_id, True, False, rows.rows) if self.packing else rows
         if self.packing or self.share_prompt:
             return LayoutCollator(tok.pad_token_id, self.packing, self.share_prompt)
         return PairCollator(tok.pad_token_id)

@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from dpo_lightning.errors import ConfigError
-from dpo_lightning.logps import IGNORE_INDEX
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # branch ids
 PAD_GROUP = -1
@@ -148,27 +147,9 @@ def check_layout(packing: bool, share_prompt: bool, unpaired: bool) -> None:
         )
 
 
-class UnpaddedRows:
-    """``rows_of`` of unpaired data for :class:`LayoutCollator`: the 2B (prompt, completion) rows (matched, then
-    mismatched) that ``collator`` (an ``UnpairedCollator``) pads, read back from its padded batch, and its
-    ``desirable``."""
-
-    def __init__(self, collator: Any):
-        self.collator = collator
-
-    def __call__(self, features: list[dict[str, Any]]) -> tuple[list[tuple[list[int], list[int]]], dict[str, Any]]:
-        padded = self.collator(features)
-        rows = []
-        for ids, mask, labels in zip(padded["input_ids"], padded["attention_mask"], padded["labels"], strict=True):
-            n = int(mask.sum())
-            start = int((labels[:n] != IGNORE_INDEX).nonzero()[0, 0])  # every row has a response token
-            rows.append((ids[:start].tolist(), ids[start:n].tolist()))
-        return rows, {"desirable": padded["desirable"]}
-
-
 class LayoutCollator:
-    """Tokenized pairs (or, with ``packing`` only, unpaired rows as ``UnpairedCollator`` pairs them) -> one laid-out
-    batch (module docstring). ``rows_of`` turns the features into the 2B (prompt, response) sequences, chosen
+    """Tokenized pairs (or, with ``packing`` only, unpaired rows as ``UnpairedCollator.rows`` pairs them) -> one
+    laid-out batch (module docstring). ``rows_of`` turns the features into the 2B (prompt, response) sequences, chosen
     then rejected, and any extra keys (``desirable``); for pairs it is :meth:`pair_rows`."""
 
     def __init__(self, pad_token_id: int, packing: bool, share_prompt: bool, rows_of: Any = None):

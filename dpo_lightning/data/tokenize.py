@@ -378,7 +378,9 @@ class UnpairedCollator:
         self.max_prompt_length = max_length if max_prompt_length is None else max_prompt_length
         self.truncation_mode = truncation_mode
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def rows(self, features: list[dict[str, Any]]) -> tuple[list[tuple[list[int], list[int]]], dict[str, Any]]:
+        """The 2B (prompt, completion) rows, matched then mismatched, and ``desirable`` (B,): what ``__call__``
+        pads, and what ``packing.LayoutCollator`` packs."""
         prompts = [list(f["prompt_input_ids"]) for f in features]
         completions = [list(f["completion_input_ids"]) for f in features]
         n = len(features)
@@ -395,7 +397,11 @@ class UnpairedCollator:
                 )
                 for p, c in mismatched
             ]
-        batch = pad_rows(list(zip(prompts, completions, strict=True)) + mismatched, self.pad_token_id)
-        batch["desirable"] = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)
+        desirable = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)
+        return list(zip(prompts, completions, strict=True)) + mismatched, {"desirable": desirable}
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows, extra = self.rows(features)
+        batch = {**pad_rows(rows, self.pad_token_id), **extra}
         batch["index"] = torch.tensor([int(f.get("index", -1)) for f in features], dtype=torch.long)
         return batch
